@@ -1,0 +1,43 @@
+# transferkit — two commands on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# oneDNN crashes on some 1x1 stride-2 convolutions on AVX-512 CPUs (README, Troubleshooting).
+export TF_ENABLE_ONEDNN_OPTS ?= 0
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test lint typecheck unit docs bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Each stamp is rebuilt only when pyproject.toml changes: a second run installs nothing.
+$(VENV)/.stamp-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[demo,plot]"
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.stamp-demo
+
+demo: $(VENV)/.stamp-demo
+	$(BIN)/python -m transferkit.demo
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.stamp-dev
+	$(BIN)/mypy --strict src
+
+unit: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest -n 2 -q
+
+test: lint typecheck unit
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/python -m benchmarks.cache
+
+clean:
+	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""transferkit: fine-tuning and transfer learning for Keras 3, short, correct and fast."""
+
+from transferkit._version import __version__
+from transferkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LayerNotFoundError,
+    MissingExtraError,
+    ModelLoadError,
+    NotCompiledError,
+    SaveError,
+    TransferkitError,
+)
+from transferkit.heads import HeadSpec
+from transferkit.result import FitResult
+from transferkit.tuner import FineTuner
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FineTuner",
+    "FitResult",
+    "HeadSpec",
+    "LayerNotFoundError",
+    "MissingExtraError",
+    "ModelLoadError",
+    "NotCompiledError",
+    "SaveError",
+    "TransferkitError",
+    "__version__",
+]

@@ -1,0 +1,160 @@
+"""`FitResult`: what a fit produced, and how to keep it."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.errors import ConfigError, SaveError
+
+__all__ = ["FitResult", "atomic_save_model", "best_of"]
+
+
+def best_of(history: dict[str, list[float]], monitor: str) -> tuple[int, float]:
+    """1-based best epoch and value of `monitor` (lowest for losses, highest for accuracies)."""
+    values = history.get(monitor, [])
+    finite = [(i, v) for i, v in enumerate(values) if math.isfinite(v)]
+    if not finite:
+        return 0, float("nan")
+    higher = "acc" in monitor or "auc" in monitor or "precision" in monitor or "recall" in monitor
+    i, v = (max if higher else min)(finite, key=lambda item: item[1])
+    return i + 1, float(v)
+
+
+def _plain_loadable(model: keras.Model, suffix: str) -> dict[str, Any]:
+    # An .h5 written with the training config fails to reload when the loss or a metric was a
+    # string alias ("mse"): Keras 3 cannot deserialize `keras.metrics.mse`. Without it the file
+    # reloads with plain `keras.models.load_model` (uncompiled, as transferkit loads anyway).
+    return {"include_optimizer": False} if suffix in (".h5", ".hdf5") else {}
+
+
+def atomic_save_model(model: keras.Model, path: str | os.PathLike[str]) -> Path:
+    """Saves `model` to `path` through a temporary file in the same directory and a rename.
+
+    An error mid-save leaves any file that was already at `path` intact.
+
+    Raises:
+        ConfigError: unsupported suffix.
+        SaveError: the directory is missing or not writable, or Keras failed to save.
+    """
+    target = Path(os.fspath(path))
+    suffix = target.suffix.lower()
+    if suffix not in (".keras", ".h5", ".hdf5"):
+        raise ConfigError(
+            f"cannot save to {str(target)!r}: the file name must end in .keras or .h5."
+        )
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise SaveError(
+            f"cannot save to {str(target)!r}: directory {str(directory)!r} does not exist."
+        )
+    if target.is_dir():
+        raise SaveError(f"cannot save to {str(target)!r}: it is a directory.")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=directory)
+    except OSError as exc:
+        raise SaveError(f"cannot save to {str(target)!r}: {exc.strerror or exc}.") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        model.save(tmp, **_plain_loadable(model, suffix))
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise SaveError(f"saving to {str(target)!r} failed: {exc}") from exc
+        raise
+    return target
+
+
+@dataclass
+class FitResult:
+    """The outcome of `FineTuner.fit` (and the recipes built on it).
+
+    Attributes:
+        model: the trained `keras.Model`.
+        history: every logged value per epoch (`loss`, `val_loss`, metrics, ...).
+        epochs: epochs run.
+        monitor: "val_loss" when validation data was given, else "loss".
+        best_epoch: 1-based epoch with the best `monitor` value (0 when none was finite).
+        best: that value.
+        metrics: the values of the last epoch.
+        seconds: wall-clock time of the fit.
+        trainable_params: trainable parameters during the fit.
+        non_trainable_params: non-trainable parameters during the fit.
+    """
+
+    model: keras.Model
+    history: dict[str, list[float]]
+    epochs: int
+    monitor: str
+    best_epoch: int
+    best: float
+    metrics: dict[str, float]
+    seconds: float
+    trainable_params: int
+    non_trainable_params: int
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_history(
+        cls,
+        model: keras.Model,
+        history: dict[str, list[float]],
+        *,
+        seconds: float,
+        trainable_params: int,
+        non_trainable_params: int,
+        **extras: Any,
+    ) -> FitResult:
+        """Builds a result from a joined Keras history dictionary."""
+        clean = {k: [float(v) for v in vals] for k, vals in history.items()}
+        epochs = max((len(v) for v in clean.values()), default=0)
+        monitor = "val_loss" if "val_loss" in clean else "loss"
+        best_epoch, best = best_of(clean, monitor)
+        metrics = {k: v[-1] for k, v in clean.items() if v}
+        return cls(
+            model=model,
+            history=clean,
+            epochs=epochs,
+            monitor=monitor,
+            best_epoch=best_epoch,
+            best=best,
+            metrics=metrics,
+            seconds=float(seconds),
+            trainable_params=int(trainable_params),
+            non_trainable_params=int(non_trainable_params),
+            extras=dict(extras),
+        )
+
+    def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:
+        """`model.evaluate(...)` as a `{name: value}` dictionary."""
+        kwargs.setdefault("verbose", 0)
+        out = self.model.evaluate(x, y, return_dict=True, **kwargs)
+        return {k: float(v) for k, v in out.items()}
+
+    def predict(self, x: Any, **kwargs: Any) -> np.ndarray:
+        """`model.predict(...)` as a NumPy array."""
+        kwargs.setdefault("verbose", 0)
+        return np.asarray(self.model.predict(x, **kwargs))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Saves the trained model as `.keras` or `.h5`, atomically.
+
+        The file loads with plain `keras.models.load_model(path)` and predicts the same.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ConfigError: unsupported file suffix.
+            SaveError: the file could not be written; an existing file at `path` is kept.
+        """
+        return atomic_save_model(self.model, path)
