@@ -89,6 +89,11 @@ class FitResult:
         seconds: wall-clock time of the fit.
         trainable_params: trainable parameters during the fit.
         non_trainable_params: non-trainable parameters during the fit.
+        phases: (phase name, epochs run) for each phase; one ("fit", epochs) for a plain fit.
+        cached: whether the frozen-prefix feature cache was used.
+        cache_layer: the last layer of the cached prefix, when `cached`.
+        interrupted: the fit stopped on a KeyboardInterrupt.
+        diverged: the fit stopped on a NaN or infinite loss (weights rolled back).
     """
 
     model: keras.Model
@@ -101,6 +106,11 @@ class FitResult:
     seconds: float
     trainable_params: int
     non_trainable_params: int
+    phases: list[tuple[str, int]] = field(default_factory=list)
+    cached: bool = False
+    cache_layer: str | None = None
+    interrupted: bool = False
+    diverged: bool = False
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -112,6 +122,11 @@ class FitResult:
         seconds: float,
         trainable_params: int,
         non_trainable_params: int,
+        phases: list[tuple[str, int]] | None = None,
+        cached: bool = False,
+        cache_layer: str | None = None,
+        interrupted: bool = False,
+        diverged: bool = False,
         **extras: Any,
     ) -> FitResult:
         """Builds a result from a joined Keras history dictionary."""
@@ -131,6 +146,11 @@ class FitResult:
             seconds=float(seconds),
             trainable_params=int(trainable_params),
             non_trainable_params=int(non_trainable_params),
+            phases=list(phases) if phases is not None else [("fit", epochs)],
+            cached=cached,
+            cache_layer=cache_layer,
+            interrupted=interrupted,
+            diverged=diverged,
             extras=dict(extras),
         )
 

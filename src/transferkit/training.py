@@ -1,28 +1,99 @@
-"""Running a fit: the one place that calls `model.fit` and turns its History into a result."""
+"""Running a fit: the one place that calls `model.fit` and turns its History into a result.
+
+A fit is an *executor* (plain `model.fit`, or the frozen-prefix feature cache, which trains on
+cached features) wrapped by the run-level concerns (checkpoints, interrupts, divergence).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from os import PathLike
 from typing import Any
 
 import keras
 
+from transferkit.errors import ConfigError
 from transferkit.result import FitResult
 from transferkit.summary import count_params
 
-__all__ = ["run_fit"]
+__all__ = ["ExecutorResult", "FitOptions", "plain_executor", "run_fit"]
+
+CacheMode = bool | str
 
 
-def run_fit(model: keras.Model, x: Any, y: Any, fit_kwargs: dict[str, Any]) -> FitResult:
-    """Calls `model.fit(x, y, **fit_kwargs)` and wraps the outcome in a `FitResult`."""
+@dataclass(frozen=True)
+class FitOptions:
+    """The transferkit-specific options of one fit (everything else goes to `model.fit`).
+
+    Attributes:
+        cache: "auto", True or False: the frozen-prefix feature cache.
+        cache_memory: bytes of features kept in memory before spilling to a memory-mapped file.
+        checkpoint_dir: where resumable per-epoch state is kept, or None.
+        restore_best: end with the weights of the best epoch by the monitored value.
+        raise_on_interrupt: re-raise a KeyboardInterrupt instead of returning a result.
+        phase: the name of this phase ("fit", or "head"/"full" in `fine_tune`).
+    """
+
+    cache: CacheMode = "auto"
+    cache_memory: int = 1 << 30
+    checkpoint_dir: str | PathLike[str] | None = None
+    restore_best: bool = False
+    raise_on_interrupt: bool = False
+    phase: str = "fit"
+
+
+@dataclass
+class ExecutorResult:
+    """What an executor returns: the Keras history and how it trained."""
+
+    history: dict[str, list[float]]
+    cached: bool = False
+    cache_layer: str | None = None
+
+
+Executor = Callable[[keras.Model, Any, Any, dict[str, Any]], ExecutorResult]
+
+
+def plain_executor(
+    model: keras.Model, x: Any, y: Any, fit_kwargs: dict[str, Any]
+) -> ExecutorResult:
+    """Plain `model.fit`."""
+    history = model.fit(x, y, **fit_kwargs)
+    return ExecutorResult(history=dict(history.history))
+
+
+def _choose_executor(options: FitOptions) -> Executor:
+    if options.cache is True:
+        raise ConfigError("cache=True is not available yet: the feature cache is not implemented.")
+    if options.cache not in ("auto", False):
+        raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
+    return plain_executor
+
+
+def run_fit(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    fit_kwargs: dict[str, Any],
+    options: FitOptions | None = None,
+) -> FitResult:
+    """Runs one fit of `model` and wraps the outcome in a `FitResult`."""
+    options = options or FitOptions()
+    executor = _choose_executor(options)
     trainable, frozen = count_params(model)
     start = time.perf_counter()
-    history = model.fit(x, y, **fit_kwargs)
+    outcome = executor(model, x, y, dict(fit_kwargs))
     seconds = time.perf_counter() - start
+    epochs = max((len(v) for v in outcome.history.values()), default=0)
     return FitResult.from_history(
         model,
-        dict(history.history),
+        outcome.history,
         seconds=seconds,
         trainable_params=trainable,
         non_trainable_params=frozen,
+        phases=[(options.phase, epochs)],
+        cached=outcome.cached,
+        cache_layer=outcome.cache_layer,
     )

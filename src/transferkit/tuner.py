@@ -37,7 +37,7 @@ from transferkit.layers import (
 from transferkit.loading import copy_model, load_model, to_functional
 from transferkit.result import FitResult
 from transferkit.summary import count_params, render_summary
-from transferkit.training import run_fit
+from transferkit.training import FitOptions, run_fit
 
 __all__ = ["FineTuner"]
 
@@ -369,7 +369,18 @@ class FineTuner:
 
     # ---------------------------------------------------------------- training
 
-    def fit(self, x: Any = None, y: Any = None, **fit_kwargs: Any) -> FitResult:
+    def fit(
+        self,
+        x: Any = None,
+        y: Any = None,
+        *,
+        cache: bool | str = "auto",
+        cache_memory: int = 1 << 30,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        restore_best: bool = False,
+        raise_on_interrupt: bool = False,
+        **fit_kwargs: Any,
+    ) -> FitResult:
         """Trains the working model; every `keras.Model.fit` keyword passes through.
 
         Data is checked first (input shape, labels in range, lengths, NaN, emptiness), so a
@@ -378,6 +389,12 @@ class FineTuner:
         Args:
             x: NumPy array(s), a `tf.data.Dataset` or a `keras.utils.PyDataset`.
             y: targets, when `x` is an array.
+            cache: the frozen-prefix feature cache: "auto" (use it when exact), True
+                (require it) or False (plain `model.fit`).
+            cache_memory: bytes of cached features kept in memory before spilling to disk.
+            checkpoint_dir: keep resumable per-epoch state here; re-running resumes.
+            restore_best: end with the weights of the best epoch.
+            raise_on_interrupt: re-raise a KeyboardInterrupt instead of returning.
             **fit_kwargs: `epochs`, `batch_size`, `validation_data`, `validation_split`,
                 `callbacks`, `class_weight`, `shuffle`, `verbose`, ...
 
@@ -396,7 +413,14 @@ class FineTuner:
             rule=label_rule(model.loss, model),
             validation_data=fit_kwargs.get("validation_data"),
         )
-        return run_fit(model, x, y, fit_kwargs)
+        options = FitOptions(
+            cache=cache,
+            cache_memory=cache_memory,
+            checkpoint_dir=checkpoint_dir,
+            restore_best=restore_best,
+            raise_on_interrupt=raise_on_interrupt,
+        )
+        return run_fit(model, x, y, fit_kwargs, options)
 
     # ------------------------------------------------------------- describing
 
