@@ -1,6 +1,8 @@
 """transferkit: fine-tuning and transfer learning for Keras 3, short, correct and fast."""
 
+from transferkit import callbacks
 from transferkit._version import __version__
+from transferkit.callbacks import GradualUnfreezing, UnfreezeAt
 from transferkit.errors import (
     CheckpointError,
     ConfigError,
@@ -22,6 +24,7 @@ __all__ = [
     "DataError",
     "FineTuner",
     "FitResult",
+    "GradualUnfreezing",
     "HeadSpec",
     "LayerNotFoundError",
     "MissingExtraError",
@@ -29,5 +32,7 @@ __all__ = [
     "NotCompiledError",
     "SaveError",
     "TransferkitError",
+    "UnfreezeAt",
     "__version__",
+    "callbacks",
 ]

@@ -15,12 +15,14 @@ import keras
 
 from transferkit.errors import ConfigError
 from transferkit.heads import HeadSpec
+from transferkit.lr_groups import LRGroups, build_optimizer
 
 __all__ = [
     "CompileSpec",
     "OptimizerFactory",
     "check_learning_rate",
     "infer_loss",
+    "make_optimizer",
     "optimizer_factory",
     "output_activation",
     "sgd_factory",
@@ -135,6 +137,19 @@ class CompileSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     loss_inferred: bool = False
     optimizer_config: dict[str, Any] = field(default_factory=dict)
+    groups: LRGroups | None = None
+    lr_scale: float = 1.0
+
+
+def make_optimizer(spec: CompileSpec, model: keras.Model) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for the model's current trainable variables, as `spec` describes it
+    (learning rate times `spec.lr_scale`; per-layer groups rebuilt when `spec.groups` is set).
+
+    Raises:
+        ConfigError: the learning rate cannot be scaled, or groups on a MultiOptimizer.
+        LayerNotFoundError: an `lr_mult` selector matches no layer.
+    """
+    return build_optimizer(spec.factory(), model, spec.groups, lr_scale=spec.lr_scale)
 
 
 def infer_loss(model: keras.Model, head: HeadSpec | None) -> tuple[keras.losses.Loss, list[Any]]:

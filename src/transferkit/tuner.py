@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,11 +12,13 @@ import keras
 import numpy as np
 from typing_extensions import Self
 
+from transferkit.callbacks import bind_callbacks
 from transferkit.compiling import (
     CompileSpec,
     OptimizerFactory,
     check_logits_match,
     infer_loss,
+    make_optimizer,
     one_hot_variant,
     optimizer_factory,
     sgd_factory,
@@ -35,6 +38,15 @@ from transferkit.layers import (
     set_trainable_plan,
 )
 from transferkit.loading import copy_model, load_model, to_functional
+from transferkit.lr_groups import LRGroups, check_lr_groups
+from transferkit.phases import (
+    check_phase_args,
+    full_phase_plan,
+    head_layers,
+    head_phase_plan,
+    join_results,
+    leaf_flags,
+)
 from transferkit.result import FitResult
 from transferkit.summary import count_params, render_summary
 from transferkit.training import FitOptions, run_fit
@@ -97,6 +109,7 @@ class FineTuner:
         self._head: HeadSpec | None = None
         self._compile_spec: CompileSpec | None = None
         self._compiled_signature: tuple[Any, ...] | None = None
+        self._phase = "fit"
         apply_flags(self._model, {}, batchnorm=self._batchnorm)
 
     @classmethod
@@ -253,6 +266,8 @@ class FineTuner:
         nesterov: bool = False,
         loss: Any = None,
         metrics: Any = None,
+        lr_mult: Mapping[str | type, float] | None = None,
+        layer_decay: float | None = None,
         **compile_kwargs: Any,
     ) -> Self:
         """Compiles with SGD at a small learning rate and momentum, the classic fine-tune.
@@ -263,14 +278,27 @@ class FineTuner:
             nesterov: use Nesterov momentum.
             loss: a loss; None infers it from the head (see `compile`).
             metrics: metrics; None infers them with the loss.
+            lr_mult: discriminative learning rates, `{selector: multiplier}` with selectors as
+                in `freeze` (name, glob, layer class): the matched layers train at `lr *
+                multiplier` (the last matching entry wins). See `compile`.
+            layer_decay: in (0, 1]: the trainable layers with weights, counted back from the
+                output (k = 0), train at `lr * layer_decay**k`. See `compile`.
             **compile_kwargs: passed to `keras.Model.compile`.
 
         Raises:
-            ConfigError: a learning rate <= 0, a momentum outside [0, 1), or a loss that
-                contradicts the output activation.
+            ConfigError: a learning rate <= 0, a momentum outside [0, 1), a multiplier <= 0,
+                a `layer_decay` outside (0, 1], or a loss that contradicts the output activation.
+            LayerNotFoundError: an `lr_mult` selector matches no layer.
+
+        Example:
+
+        ```python
+        tuner.compile_sgd(lr=1e-2, lr_mult={"conv*": 0.1})   # the convolutions at 1e-3
+        ```
         """
         factory = sgd_factory(lr, momentum=momentum, nesterov=nesterov)
-        return self._set_compile(factory, loss, metrics, compile_kwargs)
+        groups = check_lr_groups(lr_mult, layer_decay)
+        return self._set_compile(factory, loss, metrics, compile_kwargs, groups)
 
     def compile(
         self,
@@ -278,6 +306,8 @@ class FineTuner:
         *,
         loss: Any = None,
         metrics: Any = None,
+        lr_mult: Mapping[str | type, float] | None = None,
+        layer_decay: float | None = None,
         **compile_kwargs: Any,
     ) -> Self:
         """Compiles with any optimizer.
@@ -296,13 +326,29 @@ class FineTuner:
                 "adam", or a zero-argument factory returning a new optimizer.
             loss: a loss; None infers it.
             metrics: metrics; None infers them with the loss.
+            lr_mult: discriminative learning rates, `{selector: multiplier}` with selectors as
+                in `freeze` (name, glob, layer class): the matched layers train at the base
+                learning rate times the multiplier (a layer matched twice takes the last
+                entry's). A schedule is scaled as a whole.
+            layer_decay: in (0, 1]: the trainable layers with weights, counted back from the
+                output (k = 0, in `model.layers` order, nested models included), train at
+                `lr * layer_decay**k`; combines with `lr_mult` by multiplication.
             **compile_kwargs: passed to `keras.Model.compile`.
 
+        With `lr_mult` or `layer_decay` the model trains with a `keras.optimizers.MultiOptimizer`
+        of copies of `optimizer`, one per distinct multiplier, routed by variable identity and
+        rebuilt at every recompile (every change of trainable flags, every phase).
+
         Raises:
-            ConfigError: an unusable optimizer, or a loss that contradicts the output
-                activation (`from_logits=True` on a softmax output, say).
+            ConfigError: an unusable optimizer, a multiplier <= 0, a `layer_decay` outside
+                (0, 1], or a loss that contradicts the output activation (`from_logits=True`
+                on a softmax output, say).
+            LayerNotFoundError: an `lr_mult` selector matches no layer.
         """
-        return self._set_compile(optimizer_factory(optimizer), loss, metrics, compile_kwargs)
+        groups = check_lr_groups(lr_mult, layer_decay)
+        return self._set_compile(
+            optimizer_factory(optimizer), loss, metrics, compile_kwargs, groups
+        )
 
     def _set_compile(
         self,
@@ -310,6 +356,7 @@ class FineTuner:
         loss: Any,
         metrics: Any,
         compile_kwargs: dict[str, Any],
+        groups: LRGroups | None = None,
     ) -> Self:
         for reserved in ("optimizer", "loss", "metrics"):
             compile_kwargs.pop(reserved, None)
@@ -320,6 +367,7 @@ class FineTuner:
             kwargs=dict(compile_kwargs),
             loss_inferred=loss is None,
             optimizer_config=factory().get_config(),
+            groups=groups,
         )
         self._compile_now(spec)
         self._compile_spec = spec
@@ -336,7 +384,8 @@ class FineTuner:
     def _compile_now(self, spec: CompileSpec, *, one_hot: bool = False) -> None:
         loss, metrics = self._resolved_loss(spec, one_hot)
         check_logits_match(self._model, keras.tree.flatten(loss))
-        self._model.compile(optimizer=spec.factory(), loss=loss, metrics=metrics, **spec.kwargs)
+        optimizer = make_optimizer(spec, self._model)
+        self._model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **spec.kwargs)
         self._compiled_signature = (id(self._model), one_hot, flags_signature(self._model))
 
     def _one_hot_labels(self, y: Any) -> bool:
@@ -419,8 +468,120 @@ class FineTuner:
             checkpoint_dir=checkpoint_dir,
             restore_best=restore_best,
             raise_on_interrupt=raise_on_interrupt,
+            phase=self._phase,
         )
+        bind_callbacks(self, fit_kwargs.get("callbacks"))
         return run_fit(model, x, y, fit_kwargs, options)
+
+    def fine_tune(
+        self,
+        x: Any = None,
+        y: Any = None,
+        *,
+        head_epochs: int = 1,
+        epochs: int = 5,
+        lr_factor: float = 0.1,
+        **fit_kwargs: Any,
+    ) -> FitResult:
+        """Two-phase fine-tuning: train the head alone, then the body with it at a lower rate.
+
+        Phase "head" freezes everything before the head and trains it for `head_epochs`. The
+        head is what `replace_head` built (`head.layer_names`); without `replace_head`, the
+        output layer (with a trailing Activation/Softmax layer). Phase "full" then restores
+        the flags as they were when `fine_tune` was called, head included, and trains `epochs`
+        more at the compiled learning rate times `lr_factor` (a schedule and discriminative
+        learning rates are scaled alike). By default everything is trainable, so the whole body
+        unfreezes (BatchNormalization layers follow the BatchNorm policy); layers you froze
+        before `fine_tune` stay frozen in phase "full", which is how to limit its depth.
+
+        Each phase recompiles with a fresh optimizer of the compiled configuration. Epochs are
+        numbered across phases (phase "full" starts at `initial_epoch` = the epochs run so
+        far). Afterwards the flags are those of phase "full" and the compile configuration is
+        the one you gave: the next `fit` recompiles at the compiled learning rate.
+
+        Args:
+            x: training data, as for `fit`.
+            y: targets, as for `fit`.
+            head_epochs: epochs of phase "head" (>= 0; 0 skips it).
+            epochs: epochs of phase "full" (>= 0; 0 skips it).
+            lr_factor: multiplies the compiled learning rate in phase "full" (> 0).
+            **fit_kwargs: everything `fit` takes (`batch_size`, `validation_data`,
+                `callbacks`, `cache`, `checkpoint_dir`, `restore_best`, ...), passed to each
+                phase. With `restore_best=True` the run ends with the weights of the best epoch
+                of the whole run.
+
+        Returns:
+            One `FitResult`: history joined across phases, `best_epoch` over the whole run,
+            `epochs` the total, `phases` = [("head", n), ("full", m)] for the phases run. A
+            phase "head" that was interrupted or diverged ends the run.
+
+        Raises:
+            NotCompiledError: no compile yet (its optimizer configuration is reused).
+            ConfigError: invalid epochs or `lr_factor`, `epochs=`/`initial_epoch=` in
+                `fit_kwargs`, or no head to train (several outputs and no `replace_head`).
+            DataError: the data does not fit the model (nothing is changed).
+
+        Example:
+
+        ```python
+        result = (FineTuner("pretrained.h5")
+                  .replace_head(num_classes=5)
+                  .compile("adam")
+                  .fine_tune(x, y, head_epochs=2, epochs=8, validation_split=0.2))
+        result.phases   # [("head", 2), ("full", 8)]
+        ```
+        """
+        spec = self._compile_spec
+        if spec is None:
+            raise NotCompiledError(
+                "fine_tune reuses the compiled optimizer configuration: call "
+                ".compile_sgd(lr=...) or .compile(optimizer) first."
+            )
+        check_phase_args(head_epochs, epochs, lr_factor)
+        for reserved in ("epochs", "initial_epoch"):
+            if reserved in fit_kwargs:
+                raise ConfigError(
+                    f"fine_tune sets {reserved}= itself: use head_epochs= and epochs= instead."
+                )
+        head = head_layers(self._model, self._head)
+        before = leaf_flags(self._model)
+        results: list[FitResult] = []
+        snapshot: list[Any] | None = None
+        try:
+            if head_epochs:
+                plan = head_phase_plan(self._model, head)
+                apply_flags(self._model, plan, batchnorm=self._batchnorm)
+                results.append(self._run_phase("head", x, y, dict(fit_kwargs, epochs=head_epochs)))
+                if fit_kwargs.get("restore_best") and epochs:
+                    snapshot = self._model.get_weights()
+            stopped = bool(results) and (results[-1].interrupted or results[-1].diverged)
+            if epochs and not stopped:
+                apply_flags(self._model, full_phase_plan(before, head), batchnorm=self._batchnorm)
+                self._compile_spec = dataclasses.replace(spec, lr_scale=spec.lr_scale * lr_factor)
+                done = sum(r.epochs for r in results)
+                kwargs = dict(fit_kwargs, epochs=done + epochs, initial_epoch=done)
+                results.append(self._run_phase("full", x, y, kwargs))
+        except BaseException:
+            if not results:
+                # Nothing trained (bad data, say): leave the flags as they were.
+                apply_flags(self._model, before, batchnorm=self._batchnorm)
+            raise
+        finally:
+            self._compile_spec = spec
+            self._compiled_signature = None
+        joined = join_results(self._model, results)
+        if snapshot is not None and len(results) > 1 and 0 < joined.best_epoch <= results[0].epochs:
+            self._model.set_weights(snapshot)
+        return joined
+
+    def _run_phase(self, name: str, x: Any, y: Any, fit_kwargs: dict[str, Any]) -> FitResult:
+        # Every phase starts from a fresh optimizer, even when the flags did not change.
+        self._compiled_signature = None
+        self._phase = name
+        try:
+            return self.fit(x, y, **fit_kwargs)
+        finally:
+            self._phase = "fit"
 
     # ------------------------------------------------------------- describing
 
