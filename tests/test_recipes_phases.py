@@ -52,7 +52,7 @@ def gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[int, np.
     with tf.GradientTape() as tape:
         loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
     grads = tape.gradient(loss, model.trainable_variables)
-    return {id(v): g.numpy() for v, g in zip(model.trainable_variables, grads)}
+    return {id(v): g.numpy() for v, g in zip(model.trainable_variables, grads, strict=True)}
 
 
 def applied_lr(before: np.ndarray, after: np.ndarray, grad: np.ndarray) -> float:
@@ -66,15 +66,15 @@ def one_step_lrs(tuner: FineTuner, x: np.ndarray, y: np.ndarray) -> dict[str, fl
     """Trains one full-batch step and returns the applied learning rate per kernel."""
     model = tuner.ensure_compiled(y)
     kernels = {
-        layer.name: layer.kernel for layer in model.layers if getattr(layer, "trainable", False)
+        layer.name: layer.kernel
+        for layer in model.layers
+        if getattr(layer, "trainable", False)
         if hasattr(layer, "kernel")
     }
     grads = gradients(model, x, y)
     before = {name: k.numpy().copy() for name, k in kernels.items()}
     tuner.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0)
-    return {
-        name: applied_lr(before[name], k.numpy(), grads[id(k)]) for name, k in kernels.items()
-    }
+    return {name: applied_lr(before[name], k.numpy(), grads[id(k)]) for name, k in kernels.items()}
 
 
 class EpochWeights(keras.callbacks.Callback):  # type: ignore[misc]
@@ -100,7 +100,7 @@ class EpochWeights(keras.callbacks.Callback):  # type: ignore[misc]
         prev = self.start[name]
         out = []
         for end in self.ends:
-            out.append(any(not np.array_equal(a, b) for a, b in zip(prev, end[name])))
+            out.append(any(not np.array_equal(a, b) for a, b in zip(prev, end[name], strict=True)))
             prev = end[name]
         return out
 
@@ -138,7 +138,13 @@ def test_fine_tune_trains_head_then_body(pretrained: Pretrained, few_shot: FewSh
     tuner = FineTuner(pretrained.keras_path).replace_head(num_classes=5).compile_sgd(lr=0.05)
     rec = EpochWeights("conv1", "fc1", "head_output")
     result = tuner.fine_tune(
-        x, y, head_epochs=2, epochs=3, validation_data=(xv, yv), batch_size=16, verbose=0,
+        x,
+        y,
+        head_epochs=2,
+        epochs=3,
+        validation_data=(xv, yv),
+        batch_size=16,
+        verbose=0,
         callbacks=[rec],
     )
     assert result.phases == [("head", 2), ("full", 3)]
@@ -169,11 +175,20 @@ def test_fine_tune_full_phase_step_is_lr_times_factor(
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             if epoch == 1:
                 grads_box["g"] = gradients(model, x, y)
-                grads_box["w"] = {n: model.get_layer(n).kernel.numpy().copy() for n in ("d1", "out")}
+                grads_box["w"] = {
+                    n: model.get_layer(n).kernel.numpy().copy() for n in ("d1", "out")
+                }
 
     tuner.fine_tune(
-        x, y, head_epochs=1, epochs=1, lr_factor=0.25, batch_size=len(x), shuffle=False,
-        verbose=0, callbacks=[Capture()],
+        x,
+        y,
+        head_epochs=1,
+        epochs=1,
+        lr_factor=0.25,
+        batch_size=len(x),
+        shuffle=False,
+        verbose=0,
+        callbacks=[Capture()],
     )
     for name in ("d1", "out"):
         kernel = model.get_layer(name).kernel
@@ -182,15 +197,15 @@ def test_fine_tune_full_phase_step_is_lr_times_factor(
 
 
 def test_fine_tune_without_replace_head_trains_output_layer(
-    pretrained: Pretrained, few_shot: FewShot
+    blobs: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    x, y, _, _ = few_shot
-    tuner = FineTuner(pretrained.keras_path).compile_sgd(lr=0.01)
-    rec = EpochWeights("fc2", "out")
-    result = tuner.fine_tune(x, y, head_epochs=1, epochs=1, batch_size=16, verbose=0, callbacks=[rec])
+    x, y = blobs
+    tuner = FineTuner(mlp()).compile_sgd(lr=0.05)
+    rec = EpochWeights("d2", "out")
+    result = tuner.fine_tune(x, y, head_epochs=1, epochs=1, verbose=0, callbacks=[rec])
     assert result.phases == [("head", 1), ("full", 1)]
     assert rec.changed_in("out") == [True, True]
-    assert rec.changed_in("fc2") == [False, True]
+    assert rec.changed_in("d2") == [False, True]
 
 
 def test_fine_tune_keeps_user_frozen_layers_and_batchnorm_policy(
@@ -205,33 +220,40 @@ def test_fine_tune_keeps_user_frozen_layers_and_batchnorm_policy(
     assert rec.changed_in("conv1") == [False, False, False]  # frozen by the user: stays frozen
     assert rec.changed_in("conv2") == [False, True, True]
     assert not tuner.model.get_layer("bn2").trainable  # batchnorm="frozen" (the default)
-    for a, b in zip(bn_before, weights_of(tuner.model.get_layer("bn2"))):
+    for a, b in zip(bn_before, weights_of(tuner.model.get_layer("bn2")), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_fine_tune_restore_best_covers_both_phases(
-    pretrained: Pretrained, few_shot: FewShot
-) -> None:
-    x, y, xv, yv = few_shot
-    keras.utils.set_random_seed(11)
-    tuner = FineTuner(pretrained.keras_path).replace_head(num_classes=5).compile_sgd(lr=0.05)
-    rec = EpochWeights("conv1", "head_output")
+def test_fine_tune_restore_best_covers_both_phases(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = blobs
+    tuner = FineTuner(mlp()).compile_sgd(lr=0.05)
+    rec = EpochWeights("d1", "out")
 
     class Spoil(keras.callbacks.Callback):  # type: ignore[misc]
         """Makes phase "full" worse than phase "head": wildly overconfident logits."""
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             if epoch == 2:
-                kernel = self.model.get_layer("head_output").kernel
+                kernel = self.model.get_layer("out").kernel
                 kernel.assign(kernel * 100.0)
 
     result = tuner.fine_tune(
-        x, y, head_epochs=2, epochs=1, validation_data=(xv, yv), batch_size=16, verbose=0,
-        restore_best=True, callbacks=[rec, Spoil()],
+        x,
+        y,
+        head_epochs=2,
+        epochs=1,
+        validation_data=(x[:16], y[:16]),
+        verbose=0,
+        restore_best=True,
+        callbacks=[rec, Spoil()],
     )
     assert result.best_epoch in (1, 2), result.history
-    for name in ("conv1", "head_output"):
-        for a, b in zip(rec.ends[result.best_epoch - 1][name], weights_of(tuner.model.get_layer(name))):
+    for name in ("d1", "out"):
+        for a, b in zip(
+            rec.ends[result.best_epoch - 1][name],
+            weights_of(tuner.model.get_layer(name)),
+            strict=True,
+        ):
             np.testing.assert_array_equal(a, b)
 
 
@@ -276,9 +298,7 @@ def test_layer_decay_and_class_selector(blobs: tuple[np.ndarray, np.ndarray]) ->
     tuner = FineTuner(mlp()).compile(
         keras.optimizers.SGD(0.1), lr_mult={keras.layers.Dense: 2.0}, layer_decay=0.5
     )
-    assert one_step_lrs(tuner, x, y) == pytest.approx(
-        {"d1": 0.05, "d2": 0.1, "out": 0.2}, rel=1e-3
-    )
+    assert one_step_lrs(tuner, x, y) == pytest.approx({"d1": 0.05, "d2": 0.1, "out": 0.2}, rel=1e-3)
 
 
 def test_groups_rebuilt_after_flag_change(blobs: tuple[np.ndarray, np.ndarray]) -> None:
@@ -296,7 +316,9 @@ def test_nested_bases_with_same_paths_route_by_identity(
 
     def base(name: str) -> keras.Model:
         inp = keras.Input((6,))
-        return keras.Model(inp, keras.layers.Dense(4, activation="tanh", name="dense")(inp), name=name)
+        return keras.Model(
+            inp, keras.layers.Dense(4, activation="tanh", name="dense")(inp), name=name
+        )
 
     keras.utils.set_random_seed(5)
     inp = keras.Input((6,), name="x")
@@ -315,7 +337,10 @@ def test_nested_bases_with_same_paths_route_by_identity(
         0.1, rel=1e-3
     )
     path = result.save(tmp_path / "nested.keras")
-    reloaded = keras.models.load_model(path)
+    # Paths cannot tell the groups apart on reload: Keras loads the weights and skips the
+    # optimizer state with its own warning.
+    with pytest.warns(UserWarning, match="Skipping variable loading for optimizer"):
+        reloaded = keras.models.load_model(path)
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), result.predict(x), atol=1e-6)
 
 
@@ -477,7 +502,7 @@ def test_unfreeze_errors(pretrained: Pretrained, few_shot: FewShot) -> None:
     conv1 = weights_of(tuner.model.get_layer("conv1"))
     with pytest.raises(LayerNotFoundError):
         tuner.fit(x, y, epochs=1, verbose=0, callbacks=[UnfreezeAt(0, ref="nope")])
-    for a, b in zip(conv1, weights_of(tuner.model.get_layer("conv1"))):
+    for a, b in zip(conv1, weights_of(tuner.model.get_layer("conv1")), strict=True):
         np.testing.assert_array_equal(a, b)
     other = FineTuner(pretrained.keras_path).compile_sgd(lr=0.01)
     cb = UnfreezeAt(1)
@@ -490,4 +515,3 @@ def test_exports() -> None:
     assert transferkit.callbacks.GradualUnfreezing is GradualUnfreezing
     assert transferkit.callbacks.UnfreezeAt is UnfreezeAt
     assert GradualUnfreezing.changes_trainable and UnfreezeAt.changes_trainable
-
