@@ -382,6 +382,20 @@ def test_schedule_is_scaled_per_group(blobs: tuple[np.ndarray, np.ndarray]) -> N
     assert rates == pytest.approx([0.1 * 0.5 * 0.1, 0.1 * 0.5])
 
 
+def test_custom_schedule_is_wrapped(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = blobs
+
+    class Constant(keras.optimizers.schedules.LearningRateSchedule):  # type: ignore[misc]
+        def __call__(self, step: Any) -> Any:
+            return 0.4
+
+        def get_config(self) -> dict[str, Any]:
+            return {}
+
+    tuner = FineTuner(mlp()).compile(lambda: keras.optimizers.SGD(Constant()), lr_mult={"d1": 0.5})
+    assert one_step_lrs(tuner, x, y) == pytest.approx({"d1": 0.2, "d2": 0.4, "out": 0.4}, rel=1e-3)
+
+
 def test_lr_group_validation(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     tuner = FineTuner(mlp())
     for bad in ({"d1": 0}, {"d1": -1.0}, {"d1": float("inf")}, {"d1": True}, {3: 0.5}):

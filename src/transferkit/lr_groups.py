@@ -154,7 +154,13 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):  # type: 
         return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["factor"])
 
 
-def _scale_rate(rate: Any, factor: float) -> Any:
+def _schedule_of(optimizer: keras.optimizers.Optimizer) -> Any:
+    # keras 3.15.1: the schedule object itself is only reachable as `_learning_rate` (the public
+    # `learning_rate` evaluates it); deserialising the config would fail for unregistered classes.
+    return optimizer._learning_rate
+
+
+def _scale_rate(rate: Any, factor: float, schedule: Any = None) -> Any:
     if isinstance(rate, (int, float)) and not isinstance(rate, bool):
         return float(rate) * factor
     if isinstance(rate, dict) and "config" in rate:
@@ -168,7 +174,8 @@ def _scale_rate(rate: Any, factor: float) -> Any:
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     config[key] = float(value) * factor
             return {**rate, "config": config}
-        schedule = keras.saving.deserialize_keras_object(rate)
+        if schedule is None:
+            schedule = keras.saving.deserialize_keras_object(rate)
         if isinstance(schedule, ScaledSchedule):
             return ScaledSchedule(schedule.schedule, schedule.factor * factor)
         return ScaledSchedule(schedule, factor)
@@ -199,8 +206,14 @@ def scaled_optimizer(
             "optimizer and lr_mult=/layer_decay= for per-layer learning rates."
         )
     config = dict(optimizer.get_config())
-    if factor != 1.0:
-        config["learning_rate"] = _scale_rate(config["learning_rate"], factor)
+    rate = config["learning_rate"]
+    if isinstance(rate, dict):
+        # Reuse the schedule object (schedules are stateless): a custom, unregistered schedule
+        # cannot be rebuilt from its config.
+        schedule = _schedule_of(optimizer)
+        config["learning_rate"] = schedule if factor == 1.0 else _scale_rate(rate, factor, schedule)
+    elif factor != 1.0:
+        config["learning_rate"] = _scale_rate(rate, factor)
     if name is not None:
         config["name"] = name
     return type(optimizer).from_config(config)
