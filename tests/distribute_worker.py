@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-EPOCHS = 3
+EPOCHS = 2
 GLOBAL_BATCH = 64
 
 
@@ -52,7 +52,15 @@ def fine_tune(source: Any, x: np.ndarray, y: np.ndarray, strategy: Any) -> Any:
     keras.utils.set_random_seed(7)
     tuner.replace_head(5, at="fc2", hidden=(16,)).compile_sgd(lr=0.05, momentum=0.9)
     start = weights(tuner.model)
-    result = tuner.fit(x, y, epochs=EPOCHS, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
+    result = tuner.fit(
+        x,
+        y,
+        epochs=EPOCHS,
+        batch_size=GLOBAL_BATCH,
+        shuffle=False,
+        validation_data=(x[:128], y[:128]),
+        verbose=0,
+    )
     return tuner, result, start
 
 
@@ -89,6 +97,7 @@ def multiworker(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> Non
     np.savez(out / f"worker{task}.npz", **weights(tuner.model))
     print(f"task={task} chief={is_chief(strategy)} replicas={strategy.num_replicas_in_sync}")
     print(f"saved={saved}")
+    print(f"val_loss={result.history['val_loss']}")
 
 
 def main(argv: list[str]) -> None:
