@@ -71,7 +71,7 @@ def _run_all(
     """Runs the commands at once, each in its own session, and returns their outputs.
 
     Output goes to files (a full pipe would stall a worker while we wait on the other). On a
-    timeout or any error every process group still alive is killed.
+    timeout, a failed process or any error, every process group still alive is killed.
     """
     procs: list[subprocess.Popen[bytes]] = []
     files = [logs / f"process{i}.log" for i in range(len(commands))]
@@ -88,20 +88,23 @@ def _run_all(
                     )
                 )
         deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        # A worker that dies leaves the others waiting for it forever: stop at the first failure.
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            if time.monotonic() > deadline:
                 texts = "\n".join(f.read_text(errors="replace")[-3000:] for f in files)
                 pytest.fail(f"distributed run exceeded {timeout:.0f} s:\n{texts}")
+            time.sleep(0.2)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     outputs = [f.read_text(errors="replace") for f in files]
-    for proc, text in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, f"exit code {proc.returncode}:\n{text[-4000:]}"
+    codes = [proc.returncode for proc in procs]
+    report = "\n".join(
+        f"--- exit code {c}:\n{t[-3000:]}" for c, t in zip(codes, outputs, strict=True)
+    )
+    assert codes == [0] * len(procs), report
     return outputs
 
 

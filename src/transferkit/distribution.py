@@ -32,6 +32,7 @@ __all__ = [
     "model_strategy",
     "prepare_model",
     "require_in_scope",
+    "resolve_strategy",
     "worker_path",
 ]
 
@@ -138,6 +139,32 @@ def require_in_scope(model: keras.Model, strategy: tf.distribute.Strategy) -> No
         "to let transferkit copy it into the scope, or build or load the model inside "
         "`with strategy.scope():`."
     )
+
+
+def resolve_strategy(
+    strategy: object, model: object, *, copy: bool
+) -> tf.distribute.Strategy | None:
+    """The strategy a `FineTuner` works under, checked before anything is loaded or copied.
+
+    Args:
+        strategy: the `strategy=` argument.
+        model: the model argument of `FineTuner` (a `keras.Model` or a path).
+        copy: the `copy=` argument.
+
+    Returns:
+        `strategy`; when it is None and `model` is used in place (`copy=False`), the strategy
+        its variables were created under, if any (it must keep training there).
+
+    Raises:
+        ConfigError: not a strategy, or `copy=False` with a model built outside its scope.
+    """
+    checked = check_strategy(strategy)
+    if copy or not isinstance(model, keras.Model):
+        return checked
+    if checked is None:
+        return model_strategy(model)
+    require_in_scope(model, checked)
+    return checked
 
 
 def is_chief(strategy: tf.distribute.Strategy | None) -> bool:

@@ -22,13 +22,7 @@ from transferkit.compiling import (
     sgd_factory,
 )
 from transferkit.data import check_fit_data, is_array_like, label_rule
-from transferkit.distribution import (
-    check_strategy,
-    in_scope,
-    model_strategy,
-    prepare_model,
-    require_in_scope,
-)
+from transferkit.distribution import in_scope, prepare_model, resolve_strategy
 from transferkit.errors import ConfigError, NotCompiledError
 from transferkit.heads import HeadSpec, Pool, build_head
 from transferkit.layers import (
@@ -100,16 +94,12 @@ class FineTuner:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._custom_objects = dict(custom_objects or {})
         self._source: Path | None = None
-        self._strategy = check_strategy(strategy)
-        if self._strategy is None and not copy and isinstance(model, keras.Model):
-            self._strategy = model_strategy(model)
+        self._strategy = resolve_strategy(strategy, model, copy=copy)
         with self._scope():
             if isinstance(model, (str, os.PathLike)):
                 self._source = Path(os.fspath(model))
                 working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
             elif isinstance(model, keras.Model):
-                if not copy and self._strategy is not None:
-                    require_in_scope(model, self._strategy)
                 working = copy_model(model, custom_objects=custom_objects) if copy else model
             else:
                 raise ConfigError(
