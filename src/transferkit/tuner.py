@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -24,6 +25,7 @@ from transferkit.compiling import (
     sgd_factory,
 )
 from transferkit.data import check_fit_data, is_array_like, label_rule
+from transferkit.distribution import in_scope, prepare_model, resolve_strategy
 from transferkit.errors import ConfigError, NotCompiledError
 from transferkit.heads import HeadSpec, Pool, build_head
 from transferkit.layers import (
@@ -51,6 +53,9 @@ from transferkit.result import FitResult
 from transferkit.summary import count_params, render_summary
 from transferkit.training import FitOptions, run_fit
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 __all__ = ["FineTuner"]
 
 
@@ -66,10 +71,16 @@ class FineTuner:
             unchanged moving statistics, even in an unfrozen range; "train" lets them train.
         custom_objects: custom classes or functions the model file refers to.
         safe_mode: passed to Keras when loading; False allows `Lambda` layers.
+        strategy: a `tf.distribute.Strategy` (`MirroredStrategy`, `MultiWorkerMirroredStrategy`,
+            ...): loading, copying, head building and compiling run under `strategy.scope()`,
+            and `fit` trains on its replicas (`batch_size` is the global batch, as in Keras).
+            A model built outside the scope is copied into it (copy=True). None: no strategy,
+            or, with copy=False, the strategy the model's variables were created under.
 
     Raises:
         ModelLoadError: the path cannot be loaded.
-        ConfigError: invalid arguments, or a model that is not built or not Functional/Sequential.
+        ConfigError: invalid arguments, a model that is not built or not Functional/Sequential,
+            or copy=False with a model built outside the scope of `strategy`.
 
     Example:
 
@@ -90,21 +101,24 @@ class FineTuner:
         batchnorm: BatchNormPolicy = "frozen",
         custom_objects: Mapping[str, Any] | None = None,
         safe_mode: bool = True,
+        strategy: tf.distribute.Strategy | None = None,
     ) -> None:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._custom_objects = dict(custom_objects or {})
         self._source: Path | None = None
-        if isinstance(model, (str, os.PathLike)):
-            self._source = Path(os.fspath(model))
-            working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
-        elif isinstance(model, keras.Model):
-            working = copy_model(model, custom_objects=custom_objects) if copy else model
-        else:
-            raise ConfigError(
-                "FineTuner needs a keras.Model or the path of a .keras/.h5 file, got "
-                f"{type(model).__name__}."
-            )
-        self._model: keras.Model = to_functional(working)
+        self._strategy = resolve_strategy(strategy, model, copy=copy)
+        with self._scope():
+            if isinstance(model, (str, os.PathLike)):
+                self._source = Path(os.fspath(model))
+                working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+            elif isinstance(model, keras.Model):
+                working = copy_model(model, custom_objects=custom_objects) if copy else model
+            else:
+                raise ConfigError(
+                    "FineTuner needs a keras.Model or the path of a .keras/.h5 file, got "
+                    f"{type(model).__name__}."
+                )
+            self._model: keras.Model = to_functional(working)
         self._base_layer_names = frozenset(layer.name for layer in self._model.layers)
         self._head: HeadSpec | None = None
         self._compile_spec: CompileSpec | None = None
@@ -121,10 +135,16 @@ class FineTuner:
         batchnorm: BatchNormPolicy = "frozen",
         custom_objects: Mapping[str, Any] | None = None,
         safe_mode: bool = True,
+        strategy: tf.distribute.Strategy | None = None,
     ) -> Self:
         """Loads a `.keras` or `.h5` file; the same as `FineTuner(path, ...)`."""
         return cls(
-            path, copy=copy, batchnorm=batchnorm, custom_objects=custom_objects, safe_mode=safe_mode
+            path,
+            copy=copy,
+            batchnorm=batchnorm,
+            custom_objects=custom_objects,
+            safe_mode=safe_mode,
+            strategy=strategy,
         )
 
     # ------------------------------------------------------------------ state
@@ -153,6 +173,20 @@ class FineTuner:
     def compile_spec(self) -> CompileSpec | None:
         """How the model is (re)compiled, or None before `compile_sgd()` / `compile()`."""
         return self._compile_spec
+
+    @property
+    def strategy(self) -> tf.distribute.Strategy | None:
+        """The `tf.distribute.Strategy` the working model lives in, or None."""
+        return self._strategy
+
+    @contextlib.contextmanager
+    def _scope(self) -> Iterator[None]:
+        """The one hook for distribution: wrap every step that creates a model, a layer, a
+        variable or an optimizer (load, copy, new head, LoRA, compile, a temporary model for
+        an LR search or a feature cache) in `with self._scope():`. A no-op without a strategy;
+        nesting is allowed. See `transferkit.distribution` and docs/scaling-out.md."""
+        with in_scope(self._strategy):
+            yield
 
     # ---------------------------------------------------------------- freezing
 
@@ -240,17 +274,18 @@ class FineTuner:
         tuner.replace_head(regression=True, at=-6)   # Dense(64, relu) then Dense(1)
         ```
         """
-        new_model, spec = build_head(
-            self._model,
-            num_classes=num_classes,
-            regression=regression,
-            outputs=outputs,
-            at=at,
-            hidden=hidden,
-            activation=activation,
-            dropout=dropout,
-            pool=pool,
-        )
+        with self._scope():
+            new_model, spec = build_head(
+                self._model,
+                num_classes=num_classes,
+                regression=regression,
+                outputs=outputs,
+                at=at,
+                hidden=hidden,
+                activation=activation,
+                dropout=dropout,
+                pool=pool,
+            )
         self._model = new_model
         self._head = spec
         self._compiled_signature = None
@@ -384,8 +419,10 @@ class FineTuner:
     def _compile_now(self, spec: CompileSpec, *, one_hot: bool = False) -> None:
         loss, metrics = self._resolved_loss(spec, one_hot)
         check_logits_match(self._model, keras.tree.flatten(loss))
-        optimizer = make_optimizer(spec, self._model)
-        self._model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **spec.kwargs)
+        with self._scope():  # The optimizer binds to the strategy current at its creation.
+            optimizer = make_optimizer(spec, self._model)
+            self._model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **spec.kwargs)
+            prepare_model(self._model, self._strategy)
         self._compiled_signature = (id(self._model), one_hot, flags_signature(self._model))
 
     def _one_hot_labels(self, y: Any) -> bool:
@@ -471,7 +508,9 @@ class FineTuner:
             phase=self._phase,
         )
         bind_callbacks(self, fit_kwargs.get("callbacks"))
-        return run_fit(model, x, y, fit_kwargs, options)
+        # Executors (the cache's head model, checkpoint callbacks) may create variables.
+        with self._scope():
+            return run_fit(model, x, y, fit_kwargs, options)
 
     def fine_tune(
         self,

@@ -1,0 +1,111 @@
+"""The programs `tests/test_distribute.py` runs in subprocesses (docs/scaling-out.md shows them).
+
+Device configuration and `TF_CONFIG` are process-wide and must be set before TensorFlow starts,
+so each run is a fresh interpreter:
+
+    python tests/distribute_worker.py mirrored    MODEL DATA OUT_DIR
+    python tests/distribute_worker.py multiworker MODEL DATA OUT_DIR   (TF_CONFIG set)
+
+MODEL is a pre-trained `.keras` file, DATA an `.npz` with `x` and `y`. Each run writes `.npz`
+files of final weights to OUT_DIR; the test compares them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+EPOCHS = 2
+GLOBAL_BATCH = 64
+
+
+def split_cpu(n: int) -> None:
+    """Makes the one CPU look like `n` devices; must run before TensorFlow initialises."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+
+
+def fine_tune(source: Any, x: np.ndarray, y: np.ndarray, strategy: Any) -> Any:
+    """The fine-tune every run does: a new head on `fc2`, training `fc1` onwards.
+
+    `source` is a `keras.Model` or a model file. The seed is set right before the head is
+    built, so every run starts from the same head whatever loading drew from the generator.
+    """
+    import keras
+
+    from transferkit import FineTuner
+
+    if isinstance(source, str):
+        tuner = FineTuner.load(source, strategy=strategy)
+    else:
+        tuner = FineTuner(source, strategy=strategy)  # copied into the scope (copy=True)
+    tuner.freeze_until("fc1")
+    keras.utils.set_random_seed(7)
+    tuner.replace_head(5, at="fc2", hidden=(16,)).compile_sgd(lr=0.05, momentum=0.9)
+    start = weights(tuner.model)
+    result = tuner.fit(
+        x,
+        y,
+        epochs=EPOCHS,
+        batch_size=GLOBAL_BATCH,
+        shuffle=False,
+        validation_data=(x[:128], y[:128]),
+        verbose=0,
+    )
+    return tuner, result, start
+
+
+def weights(model: Any) -> dict[str, np.ndarray]:
+    """The trainable weights by position (paths differ between loaded and copied models)."""
+    return {f"w{i:02d}": v.numpy() for i, v in enumerate(model.trainable_variables)}
+
+
+def mirrored(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
+    split_cpu(2)
+    import keras
+
+    # Loaded outside any scope on purpose: FineTuner copies it into the strategy's scope.
+    pretrained = keras.models.load_model(model_path, compile=False)
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    tuner, _, _ = fine_tune(pretrained, x, y, strategy)
+    np.savez(out / "mirrored.npz", **weights(tuner.model))
+    single, _, start = fine_tune(pretrained, x, y, None)
+    np.savez(out / "single.npz", **weights(single.model))
+    np.savez(out / "start.npz", **start)
+    kinds = sorted({type(v.value).__name__ for v in tuner.model.variables})
+    print(f"replicas={strategy.num_replicas_in_sync} variables={','.join(kinds)}")
+
+
+def multiworker(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
+    from transferkit.distribution import is_chief, worker_path
+
+    # Reads TF_CONFIG; create it before any other TensorFlow op of the process.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    tuner, result, _ = fine_tune(model_path, x, y, strategy)
+    # Every worker runs the same program and saves; only the chief's file is the result.
+    saved = result.save(worker_path(out / "model.keras", strategy))
+    task = strategy.cluster_resolver.task_id
+    np.savez(out / f"worker{task}.npz", **weights(tuner.model))
+    print(f"task={task} chief={is_chief(strategy)} replicas={strategy.num_replicas_in_sync}")
+    print(f"saved={saved}")
+    print(f"val_loss={result.history['val_loss']}")
+
+
+def main(argv: list[str]) -> None:
+    mode, model_path, data_path, out_dir = argv
+    data = np.load(data_path)
+    x, y = data["x"], data["y"]
+    {"mirrored": mirrored, "multiworker": multiworker}[mode](model_path, x, y, Path(out_dir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
