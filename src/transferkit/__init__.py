@@ -13,6 +13,7 @@ from transferkit.errors import (
     TransferkitError,
 )
 from transferkit.heads import HeadSpec
+from transferkit.provenance import load
 from transferkit.result import FitResult
 from transferkit.tuner import FineTuner
 
@@ -30,4 +31,5 @@ __all__ = [
     "SaveError",
     "TransferkitError",
     "__version__",
+    "load",
 ]

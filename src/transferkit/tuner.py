@@ -35,6 +35,7 @@ from transferkit.layers import (
     set_trainable_plan,
 )
 from transferkit.loading import copy_model, load_model, to_functional
+from transferkit.provenance import file_sha256, fit_context
 from transferkit.result import FitResult
 from transferkit.summary import count_params, render_summary
 from transferkit.training import FitOptions, run_fit
@@ -82,9 +83,11 @@ class FineTuner:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._custom_objects = dict(custom_objects or {})
         self._source: Path | None = None
+        self._source_sha256: str | None = None
         if isinstance(model, (str, os.PathLike)):
             self._source = Path(os.fspath(model))
             working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+            self._source_sha256 = file_sha256(self._source)
         elif isinstance(model, keras.Model):
             working = copy_model(model, custom_objects=custom_objects) if copy else model
         else:
@@ -420,7 +423,21 @@ class FineTuner:
             restore_best=restore_best,
             raise_on_interrupt=raise_on_interrupt,
         )
-        return run_fit(model, x, y, fit_kwargs, options)
+        result = run_fit(model, x, y, fit_kwargs, options)
+        result.extras["provenance"] = self._provenance_context({**vars(options), **fit_kwargs})
+        return result
+
+    def _provenance_context(self, fit_arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """What `FitResult.save` records beside the model about this FineTuner's run."""
+        spec = self._compile_spec
+        return fit_context(
+            self._model,
+            source=self._source,
+            source_sha256=self._source_sha256,
+            head=self._head.to_dict() if self._head is not None else None,
+            optimizer_config=spec.optimizer_config if spec is not None else None,
+            fit_arguments=fit_arguments,
+        )
 
     # ------------------------------------------------------------- describing
 
