@@ -169,11 +169,11 @@ def test_checkpoint_of_another_model_or_plan_is_refused(
         other.fit(x, y, checkpoint_dir=ckpt, epochs=1, batch_size=25, verbose=0)
     assert_same(values(other.model), before, rtol=0)
 
-    with pytest.raises(CheckpointError, match="the plan .* differ.*optimizer"):
+    with pytest.raises(CheckpointError, match=r"the plan .* differ.*optimizer"):
         make_tuner(pretrained, lr=0.01).fit(
             x, y, checkpoint_dir=ckpt, epochs=1, batch_size=25, verbose=0
         )
-    with pytest.raises(CheckpointError, match="the frozen weights.*Plan entries that differ: x"):
+    with pytest.raises(CheckpointError, match=r"the frozen weights.*Plan entries that differ: x"):
         tuner = make_tuner(pretrained)
         tuner.model.get_layer("conv1").kernel.assign(tuner.model.get_layer("conv1").kernel * 2)
         tuner.fit(x * 0.5, y, checkpoint_dir=ckpt, epochs=1, batch_size=25, verbose=0)

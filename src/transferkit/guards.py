@@ -67,9 +67,7 @@ def _assign(variables: Sequence[Any], values: Sequence[np.ndarray], what: str) -
 
 
 def _finite(values: Sequence[np.ndarray]) -> bool:
-    return all(
-        bool(np.isfinite(a).all()) for a in values if np.issubdtype(a.dtype, np.inexact)
-    )
+    return all(bool(np.isfinite(a).all()) for a in values if np.issubdtype(a.dtype, np.inexact))
 
 
 def _calling_callback_list() -> Any:

@@ -116,9 +116,7 @@ def fit_context(
         optimizer_config: the optimizer's `get_config()`.
         fit_arguments: the arguments of the fit (data is described, not stored).
     """
-    frozen = [
-        layer.name for layer in leaf_layers(model) if layer.weights and not layer.trainable
-    ]
+    frozen = [layer.name for layer in leaf_layers(model) if layer.weights and not layer.trainable]
     return {
         "base_model": {
             "path": str(source.resolve()) if source is not None else None,

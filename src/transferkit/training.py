@@ -14,6 +14,7 @@ from typing import Any
 
 import keras
 
+from transferkit.data import check_fit_arguments
 from transferkit.errors import ConfigError
 from transferkit.guards import guarded_fit
 from transferkit.result import FitResult
@@ -82,6 +83,7 @@ def run_fit(
 ) -> FitResult:
     """Runs one fit of `model` and wraps the outcome in a `FitResult`."""
     options = options or FitOptions()
+    check_fit_arguments(fit_kwargs)
     executor = _choose_executor(options)
     trainable, frozen = count_params(model)
     start = time.perf_counter()
