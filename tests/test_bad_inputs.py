@@ -242,7 +242,13 @@ CASES: list[Case] = [
         "unknown activation 'wiggle'",
     ),
     # --- compiling
-    ("zero learning rate", raw, lambda t, e: t.compile_sgd(lr=0), ConfigError, "learning rate"),
+    (
+        "zero learning rate",
+        raw,
+        lambda t, e: t.compile_sgd(lr=0),
+        ConfigError,
+        "lr must be a finite number > 0, got 0",
+    ),
     (
         "negative learning rate",
         raw,
