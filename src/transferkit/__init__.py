@@ -15,6 +15,7 @@ from transferkit.errors import (
     TransferkitError,
 )
 from transferkit.heads import HeadSpec
+from transferkit.provenance import load
 from transferkit.result import FitResult
 from transferkit.tuner import FineTuner
 
@@ -35,4 +36,5 @@ __all__ = [
     "UnfreezeAt",
     "__version__",
     "callbacks",
+    "load",
 ]

@@ -13,9 +13,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.errors import DataError
+from transferkit.errors import ConfigError, DataError
 
-__all__ = ["LabelRule", "check_fit_data", "is_array_like", "label_rule"]
+__all__ = ["LabelRule", "check_fit_arguments", "check_fit_data", "is_array_like", "label_rule"]
 
 
 def is_array_like(x: object) -> bool:
@@ -227,3 +227,23 @@ def check_fit_data(
                 _check_labels(vy, n, rule, model, "validation data")
         elif _is_dataset(validation_data):
             _check_dataset_spec(model, validation_data, "validation data")
+
+
+def check_fit_arguments(fit_kwargs: Mapping[str, Any]) -> None:
+    """Checks the sizes among `model.fit` keywords that Keras would accept or crash on late.
+
+    Raises:
+        ConfigError: `epochs` below 1, or `batch_size` / `steps_per_epoch` / `validation_steps`
+            below 1 (None allowed).
+    """
+    for key, minimum, allow_none in (
+        ("epochs", 1, False),
+        ("batch_size", 1, True),
+        ("steps_per_epoch", 1, True),
+        ("validation_steps", 1, True),
+    ):
+        if key not in fit_kwargs or (allow_none and fit_kwargs[key] is None):
+            continue
+        value = fit_kwargs[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}.")

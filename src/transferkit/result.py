@@ -168,7 +168,9 @@ class FitResult:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Saves the trained model as `.keras` or `.h5`, atomically.
 
-        The file loads with plain `keras.models.load_model(path)` and predicts the same.
+        The file loads with plain `keras.models.load_model(path)` and predicts the same. Beside it,
+        `<path>.transferkit.json` records the base model, frozen layers, head, optimizer, fit
+        arguments, history and library versions (read it back with `transferkit.load`).
 
         Returns:
             The path written.
@@ -177,4 +179,17 @@ class FitResult:
             ConfigError: unsupported file suffix.
             SaveError: the file could not be written; an existing file at `path` is kept.
         """
-        return atomic_save_model(self.model, path)
+        from transferkit.provenance import write_provenance
+
+        target = atomic_save_model(self.model, path)
+        outcome = {
+            "history": self.history,
+            "epochs": self.epochs,
+            "monitor": self.monitor,
+            "best_epoch": self.best_epoch,
+            "phases": self.phases,
+            "interrupted": self.interrupted,
+            "diverged": self.diverged,
+        }
+        write_provenance(target, self.extras.get("provenance", {}), outcome)
+        return target

@@ -14,7 +14,9 @@ from typing import Any
 
 import keras
 
+from transferkit.data import check_fit_arguments
 from transferkit.errors import ConfigError
+from transferkit.guards import guarded_fit
 from transferkit.result import FitResult
 from transferkit.summary import count_params
 
@@ -81,19 +83,33 @@ def run_fit(
 ) -> FitResult:
     """Runs one fit of `model` and wraps the outcome in a `FitResult`."""
     options = options or FitOptions()
+    check_fit_arguments(fit_kwargs)
     executor = _choose_executor(options)
     trainable, frozen = count_params(model)
     start = time.perf_counter()
-    outcome = executor(model, x, y, dict(fit_kwargs))
+    guarded = guarded_fit(
+        model,
+        x,
+        y,
+        fit_kwargs,
+        executor,
+        checkpoint_dir=options.checkpoint_dir,
+        restore_best=options.restore_best,
+        raise_on_interrupt=options.raise_on_interrupt,
+        phase=options.phase,
+    )
+    outcome = guarded.outcome or ExecutorResult(history=guarded.history)
     seconds = time.perf_counter() - start
-    epochs = max((len(v) for v in outcome.history.values()), default=0)
+    epochs = max((len(v) for v in guarded.history.values()), default=0)
     return FitResult.from_history(
         model,
-        outcome.history,
+        guarded.history,
         seconds=seconds,
         trainable_params=trainable,
         non_trainable_params=frozen,
         phases=[(options.phase, epochs)],
         cached=outcome.cached,
         cache_layer=outcome.cache_layer,
+        interrupted=guarded.interrupted,
+        diverged=guarded.diverged,
     )

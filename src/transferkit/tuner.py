@@ -49,6 +49,7 @@ from transferkit.phases import (
     join_results,
     leaf_flags,
 )
+from transferkit.provenance import file_sha256, fit_context
 from transferkit.result import FitResult
 from transferkit.summary import count_params, render_summary
 from transferkit.training import FitOptions, run_fit
@@ -106,11 +107,13 @@ class FineTuner:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._custom_objects = dict(custom_objects or {})
         self._source: Path | None = None
+        self._source_sha256: str | None = None
         self._strategy = resolve_strategy(strategy, model, copy=copy)
         with self._scope():
             if isinstance(model, (str, os.PathLike)):
                 self._source = Path(os.fspath(model))
                 working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+                self._source_sha256 = file_sha256(self._source)
             elif isinstance(model, keras.Model):
                 working = copy_model(model, custom_objects=custom_objects) if copy else model
             else:
@@ -510,7 +513,9 @@ class FineTuner:
         bind_callbacks(self, fit_kwargs.get("callbacks"))
         # Executors (the cache's head model, checkpoint callbacks) may create variables.
         with self._scope():
-            return run_fit(model, x, y, fit_kwargs, options)
+            result = run_fit(model, x, y, fit_kwargs, options)
+        result.extras["provenance"] = self._provenance_context({**vars(options), **fit_kwargs})
+        return result
 
     def fine_tune(
         self,
@@ -609,6 +614,15 @@ class FineTuner:
             self._compile_spec = spec
             self._compiled_signature = None
         joined = join_results(self._model, results)
+        joined.extras["provenance"] = self._provenance_context(
+            {
+                "recipe": "fine_tune",
+                "head_epochs": head_epochs,
+                "epochs": epochs,
+                "lr_factor": lr_factor,
+                **fit_kwargs,
+            }
+        )
         if snapshot is not None and len(results) > 1 and 0 < joined.best_epoch <= results[0].epochs:
             self._model.set_weights(snapshot)
         return joined
@@ -621,6 +635,18 @@ class FineTuner:
             return self.fit(x, y, **fit_kwargs)
         finally:
             self._phase = "fit"
+
+    def _provenance_context(self, fit_arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """What `FitResult.save` records beside the model about this FineTuner's run."""
+        spec = self._compile_spec
+        return fit_context(
+            self._model,
+            source=self._source,
+            source_sha256=self._source_sha256,
+            head=self._head.to_dict() if self._head is not None else None,
+            optimizer_config=spec.optimizer_config if spec is not None else None,
+            fit_arguments=fit_arguments,
+        )
 
     # ------------------------------------------------------------- describing
 
