@@ -2,6 +2,7 @@
 
 from transferkit._version import __version__
 from transferkit.errors import (
+    AdapterMismatchError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -13,16 +14,19 @@ from transferkit.errors import (
     TransferkitError,
 )
 from transferkit.heads import HeadSpec
+from transferkit.lr_finder import LRFinder
 from transferkit.result import FitResult
 from transferkit.tuner import FineTuner
 
 __all__ = [
+    "AdapterMismatchError",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "FineTuner",
     "FitResult",
     "HeadSpec",
+    "LRFinder",
     "LayerNotFoundError",
     "MissingExtraError",
     "ModelLoadError",
