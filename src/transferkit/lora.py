@@ -461,12 +461,6 @@ def load_adapters(
             f"the adapters were trained with head layers {list(saved_head)}, this model has "
             f"{list(head)}: call replace_head(...) with the same arguments as for training first."
         )
-    here_spec = json.loads(json.dumps(dict(head_spec))) if head_spec is not None else None
-    if header.get("head_spec") and here_spec is not None and header["head_spec"] != here_spec:
-        raise AdapterMismatchError(
-            f"the head differs from the one the adapters were trained with: saved "
-            f"{header['head_spec']}, here {here_spec}."
-        )
     config = LoraConfig(
         rank=int(header["rank"]),
         alpha=float(header["alpha"]),
@@ -497,6 +491,12 @@ def load_adapters(
     adapter_keys = list(header["adapters"])
     _check_base(model, header["base"], set(adapter_keys))
     _check_head_shapes(model, adapter_keys, arrays)
+    here_spec = json.loads(json.dumps(dict(head_spec))) if head_spec is not None else None
+    if header.get("head_spec") and here_spec is not None and header["head_spec"] != here_spec:
+        raise AdapterMismatchError(
+            f"the head differs from the one the adapters were trained with: saved "
+            f"{header['head_spec']}, here {here_spec}."
+        )
     if current is None:
         apply_lora(
             model,
