@@ -29,6 +29,11 @@ DIVERGENCE = 4.0
 
 
 def _steep(lrs: np.ndarray, losses: np.ndarray) -> float:
+    # Only the descent that leads to the minimum counts: past it, a fall is a recovery from a
+    # spike (common on small, noisy data), not a learning rate that trains well.
+    end = int(np.argmin(losses)) + 1
+    if end >= 2:
+        lrs, losses = lrs[:end], losses[:end]
     slopes = np.diff(losses) / np.diff(np.log10(lrs))
     return float(lrs[int(np.argmin(slopes))])
 
@@ -54,8 +59,9 @@ def suggest(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
     """Learning rates suggested by a smoothed loss curve (fastai's definitions).
 
     - "steep": the learning rate at which the smoothed loss falls fastest per decade of learning
-      rate, i.e. the left point of the most negative finite difference
-      `(loss[i+1] - loss[i]) / (log10 lr[i+1] - log10 lr[i])`.
+      rate on its way down to its minimum, i.e. the left point of the most negative finite
+      difference `(loss[i+1] - loss[i]) / (log10 lr[i+1] - log10 lr[i])` among the points up to
+      the lowest smoothed loss.
     - "valley": take the longest decreasing subsequence of the smoothed losses (the "valley"),
       from index `s` to `e`; the suggestion is the learning rate at index
       `s + int((e - s) / 3) + int((e - s) / 6)`, about half-way down the valley.
