@@ -58,6 +58,7 @@ __all__ = [
     "apply_lora",
     "check_flags_editable",
     "has_lora",
+    "layer_paths",
     "load_adapters",
     "lora_layers",
     "merged_copy",

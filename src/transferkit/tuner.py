@@ -606,7 +606,8 @@ class FineTuner:
         return _lora.LoraConfig(
             rank=self._lora.rank,
             alpha=self._lora.alpha,
-            targets=self._lora.targets,
+            # A later replace_head(at=...) may have cut some adapted layers away.
+            targets=tuple(t for t in self._lora.targets if t in _lora.layer_paths(self._model)),
             head=tuple(head),
             head_spec=spec,
         )
