@@ -4,6 +4,7 @@ from transferkit import callbacks
 from transferkit._version import __version__
 from transferkit.callbacks import GradualUnfreezing, UnfreezeAt
 from transferkit.errors import (
+    AdapterMismatchError,
     CheckpointError,
     ConfigError,
     DataError,
@@ -15,11 +16,13 @@ from transferkit.errors import (
     TransferkitError,
 )
 from transferkit.heads import HeadSpec
+from transferkit.lr_finder import LRFinder
 from transferkit.provenance import load
 from transferkit.result import FitResult
 from transferkit.tuner import FineTuner
 
 __all__ = [
+    "AdapterMismatchError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -27,6 +30,7 @@ __all__ = [
     "FitResult",
     "GradualUnfreezing",
     "HeadSpec",
+    "LRFinder",
     "LayerNotFoundError",
     "MissingExtraError",
     "ModelLoadError",

@@ -27,6 +27,7 @@ from transferkit.layers import (
     is_batchnorm,
     leaf_layers,
 )
+from transferkit.lora import check_flags_editable
 from transferkit.lr_groups import scaled_optimizer
 
 __all__ = ["GradualUnfreezing", "TunerLike", "UnfreezeAt", "bind_callbacks"]
@@ -176,6 +177,7 @@ class _UnfreezeCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         `FineTuner.fit` calls this for you.
         """
+        check_flags_editable(tuner.model, f"use {type(self).__name__}")
         self._tuner = tuner
         self._check_model(tuner.model)
 
@@ -196,6 +198,7 @@ class _UnfreezeCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 f"{type(self).__name__} is bound to a FineTuner but trains another model: bind "
                 "each callback to the FineTuner whose fit it is passed to."
             )
+        check_flags_editable(self.model, f"use {type(self).__name__}")
         self._check_model(self.model)
         self._lr_scale = 1.0
 

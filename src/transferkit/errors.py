@@ -8,6 +8,7 @@ reach for (`KeyError`, `ValueError`), so existing `except` clauses keep working.
 from __future__ import annotations
 
 __all__ = [
+    "AdapterMismatchError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -64,3 +65,10 @@ class CheckpointError(TransferkitError):
 
 class MissingExtraError(TransferkitError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class AdapterMismatchError(TransferkitError):
+    """An adapter file does not fit the model it is loaded into.
+
+    The message names the first variable (or head layer) that differs and how.
+    """

@@ -179,9 +179,14 @@ class FitResult:
             ConfigError: unsupported file suffix.
             SaveError: the file could not be written; an existing file at `path` is kept.
         """
+        from transferkit.lora import has_lora, merged_copy
         from transferkit.provenance import write_provenance
 
-        target = atomic_save_model(self.model, path)
+        # A LoRA model saves as a plain one with the adapters merged (Keras cannot reload an
+        # .h5 of a LoRA model; a .keras one reloads with zeroed adapters). The live model keeps
+        # its adapters.
+        model = merged_copy(self.model) if has_lora(self.model) else self.model
+        target = atomic_save_model(model, path)
         outcome = {
             "history": self.history,
             "epochs": self.epochs,
@@ -193,3 +198,22 @@ class FitResult:
         }
         write_provenance(target, self.extras.get("provenance", {}), outcome)
         return target
+
+    def save_adapters(self, path: str | os.PathLike[str]) -> Path:
+        """Writes only the LoRA matrices and the head's weights to an `.npz` file.
+
+        Load them with `FineTuner(<same pre-trained model>).replace_head(<same args>)
+        .load_adapters(path)`.
+
+        Raises:
+            ConfigError: the fit did not use LoRA, or `path` does not end in `.npz`.
+            SaveError: the file could not be written.
+        """
+        from transferkit.lora import save_adapters
+
+        config = self.extras.get("lora")
+        if config is None:
+            raise ConfigError(
+                "this result has no LoRA adapters: call FineTuner.lora(...) before fit()."
+            )
+        return save_adapters(self.model, config, path)

@@ -129,7 +129,9 @@ def render_summary(model: keras.Model, *, new_layers: Collection[str] = ()) -> s
     trainable, frozen = count_params(model)
     total = trainable + frozen
     share = 100.0 * trainable / total if total else 0.0
+    # One decimal, like PEFT's print_trainable_parameters; LoRA shares below 0.1% keep two digits.
+    shown = f"{share:.1f}" if share >= 0.1 or share == 0 else f"{share:.2g}"
     out = [f'Model "{model.name}"', sep, line(headers), sep, *(line(r) for r in indexed), sep]
-    out.append(f"Trainable params: {trainable:,} of {total:,} ({share:.1f}%)")
+    out.append(f"Parameters: {trainable:,} of {total:,} trainable ({shown}%)")
     out.append(f"Non-trainable params: {frozen:,}")
     return "\n".join(out)

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from typing_extensions import Self
 
+from transferkit import batchnorm as _batchnorm
+from transferkit import lora as _lora
 from transferkit.callbacks import bind_callbacks
 from transferkit.compiling import (
     CompileSpec,
@@ -40,6 +42,7 @@ from transferkit.layers import (
     set_trainable_plan,
 )
 from transferkit.loading import copy_model, load_model, to_functional
+from transferkit.lr_finder import LRFinder, run_lr_finder
 from transferkit.lr_groups import LRGroups, check_lr_groups
 from transferkit.phases import (
     check_phase_args,
@@ -127,6 +130,7 @@ class FineTuner:
         self._compile_spec: CompileSpec | None = None
         self._compiled_signature: tuple[Any, ...] | None = None
         self._phase = "fit"
+        self._lora: _lora.LoraConfig | None = None
         apply_flags(self._model, {}, batchnorm=self._batchnorm)
 
     @classmethod
@@ -206,7 +210,9 @@ class FineTuner:
 
         Raises:
             LayerNotFoundError: no such layer; the message names the closest ones.
+            ConfigError: LoRA is enabled (see `lora`).
         """
+        _lora.check_flags_editable(self._model, "freeze_until()")
         apply_flags(self._model, freeze_until_plan(self._model, ref), batchnorm=self._batchnorm)
         return self
 
@@ -219,7 +225,9 @@ class FineTuner:
 
         Raises:
             LayerNotFoundError: a selector matches no layer.
+            ConfigError: LoRA is enabled (see `lora`).
         """
+        _lora.check_flags_editable(self._model, "freeze()")
         plan = set_trainable_plan(select(self._model, selectors), False)
         apply_flags(self._model, plan, batchnorm=self._batchnorm)
         return self
@@ -231,7 +239,9 @@ class FineTuner:
 
         Raises:
             LayerNotFoundError: a selector matches no layer.
+            ConfigError: LoRA is enabled (see `lora`).
         """
+        _lora.check_flags_editable(self._model, "unfreeze()")
         plan = set_trainable_plan(select(self._model, selectors), True)
         apply_flags(self._model, plan, batchnorm=self._batchnorm)
         return self
@@ -515,6 +525,8 @@ class FineTuner:
         with self._scope():
             result = run_fit(model, x, y, fit_kwargs, options)
         result.extras["provenance"] = self._provenance_context({**vars(options), **fit_kwargs})
+        if self._lora is not None:
+            result.extras["lora"] = self._lora_config()
         return result
 
     def fine_tune(
@@ -575,6 +587,7 @@ class FineTuner:
         result.phases   # [("head", 2), ("full", 8)]
         ```
         """
+        _lora.check_flags_editable(self._model, "fine_tune()")
         spec = self._compile_spec
         if spec is None:
             raise NotCompiledError(
@@ -646,6 +659,183 @@ class FineTuner:
             head=self._head.to_dict() if self._head is not None else None,
             optimizer_config=spec.optimizer_config if spec is not None else None,
             fit_arguments=fit_arguments,
+        )
+
+    # ----------------------------------------------------------------- recipes
+
+    def find_lr(
+        self,
+        x: Any = None,
+        y: Any = None,
+        *,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        steps: int = 100,
+        batch_size: int = 32,
+    ) -> LRFinder:
+        """The learning-rate range test: trains `steps` batches at exponentially growing rates.
+
+        Uses a fresh optimizer of the compiled configuration with the learning rate overridden,
+        and the compiled loss. The data is cycled when it has fewer than `steps` batches; the
+        sweep stops early once the smoothed loss exceeds 4x its best value (or is NaN).
+        Afterwards every model variable (BatchNormalization statistics included) and the compiled
+        state (optimizer, its variables and step count, loss, train function) are as before.
+
+        Args:
+            x: inputs (NumPy), or a `tf.data.Dataset` of `(x, y)` batches.
+            y: labels, when `x` is an array.
+            start_lr: the first learning rate.
+            end_lr: the last learning rate (reached at step `steps`).
+            steps: number of batches in the sweep.
+            batch_size: batch size for arrays (a dataset keeps its own batches).
+
+        Returns:
+            An `LRFinder` with `.lrs`, `.losses`, `.suggestion`, `.suggestions` and `.plot()`.
+
+        Raises:
+            NotCompiledError: no compile yet.
+            ConfigError: invalid arguments, or an optimizer without a single learning rate.
+            DataError: the data does not fit the model.
+
+        Example:
+
+        ```python
+        finder = tuner.compile("adam").find_lr(x, y, steps=100)
+        tuner.compile(keras.optimizers.Adam(finder.suggestion))
+        ```
+        """
+        spec = self._compile_spec
+        if spec is None:
+            raise NotCompiledError(
+                "find_lr needs a compiled FineTuner (its optimizer configuration is reused): "
+                "call .compile_sgd(lr=...) or .compile(optimizer) first."
+            )
+        from transferkit.lr_finder import check_sweep
+
+        check_sweep(start_lr, end_lr, steps, batch_size)
+        one_hot = spec.loss_inferred and self._one_hot_labels(y)
+        loss, _ = self._resolved_loss(spec, one_hot)
+        check_fit_data(self._model, x, y, rule=label_rule(loss, self._model), what="find_lr data")
+        return run_lr_finder(
+            self._model,
+            x,
+            y,
+            optimizer_factory=spec.factory,
+            loss=loss,
+            start_lr=start_lr,
+            end_lr=end_lr,
+            steps=steps,
+            batch_size=batch_size,
+        )
+
+    def adapt_batchnorm(self, x: Any, *, batch_size: int = 32, steps: int | None = None) -> Self:
+        """Re-estimates every BatchNormalization layer's moving mean and variance on `x`.
+
+        The statistics become the exact mean and (biased, as Keras uses) variance over all of
+        `x`, pooled across batches as if it were one batch. Layers are processed in graph order,
+        each seeing inputs normalised with the statistics already re-estimated before it
+        (nested models included). No other weight changes.
+
+        Args:
+            x: inputs as a NumPy array, or a batched `tf.data.Dataset` (of inputs or `(x, y)`).
+            batch_size: batch size for arrays.
+            steps: use only the first `steps` batches; None uses all of `x`.
+
+        Returns:
+            This FineTuner.
+
+        Raises:
+            ConfigError: invalid arguments, no BatchNormalization layer, or a shared one.
+            DataError: empty data or data that does not fit the model.
+        """
+        _batchnorm.adapt_batchnorm(self._model, x, batch_size=batch_size, steps=steps)
+        return self
+
+    def lora(
+        self,
+        rank: int = 8,
+        *,
+        alpha: float | None = None,
+        targets: Sequence[Selector] | Selector | None = None,
+    ) -> Self:
+        """Freezes everything but the head and puts Keras LoRA adapters on the target layers.
+
+        Each target's kernel (and bias) is frozen and two small trainable matrices learn a
+        low-rank update `(alpha / rank) * A @ B`. Trainable flags are fixed from here on:
+        `freeze`, `unfreeze` and `freeze_until` raise `ConfigError` afterwards.
+
+        Args:
+            rank: the rank of the update.
+            alpha: the scale numerator; None uses `rank` (scale 1), as Keras does.
+            targets: selectors as in `freeze` (names, globs, classes, indices, layers). Default:
+                every Dense, EinsumDense, Embedding and Conv1D/2D/3D outside the new head.
+
+        Returns:
+            This FineTuner.
+
+        Raises:
+            ConfigError: invalid rank or alpha, LoRA already enabled, a selector matching no
+                layer, or a layer without LoRA support (or in the head, or with a constraint).
+
+        Example:
+
+        ```python
+        result = tuner.replace_head(5).lora(rank=4).compile("adam").fit(x, y, epochs=20)
+        result.save_adapters("digits.npz")
+        ```
+        """
+        if isinstance(targets, (str, int, type, keras.layers.Layer)):
+            targets = [targets]
+        head = self._head.layer_names if self._head else ()
+        self._lora = _lora.enable(
+            self._model,
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            head=head,
+            head_spec=self._head.to_dict() if self._head else None,
+            batchnorm=self._batchnorm,
+        )
+        # enable_lora adds variables without changing layer flags: force a fresh optimizer.
+        self._compiled_signature = None
+        return self
+
+    def load_adapters(self, path: str | os.PathLike[str]) -> Self:
+        """Loads adapters written by `FitResult.save_adapters` into this (same) base model.
+
+        Build the FineTuner as for training (same pre-trained file, same `replace_head`
+        arguments), without calling `lora()`: LoRA is enabled as recorded in the file.
+
+        Returns:
+            This FineTuner, predicting exactly as the model the adapters were saved from.
+
+        Raises:
+            ModelLoadError: not a readable adapter file.
+            AdapterMismatchError: another base or head; names the first variable that differs.
+        """
+        head = self._head.layer_names if self._head else ()
+        self._lora = _lora.load_adapters(
+            self._model,
+            path,
+            current=self._lora,
+            head=head,
+            head_spec=self._head.to_dict() if self._head else None,
+            batchnorm=self._batchnorm,
+        )
+        self._compiled_signature = None
+        return self
+
+    def _lora_config(self) -> _lora.LoraConfig:
+        assert self._lora is not None
+        head = self._head.layer_names if self._head else ()
+        spec = self._head.to_dict() if self._head else None
+        return _lora.LoraConfig(
+            rank=self._lora.rank,
+            alpha=self._lora.alpha,
+            # A later replace_head(at=...) may have cut some adapted layers away.
+            targets=tuple(t for t in self._lora.targets if t in _lora.layer_paths(self._model)),
+            head=tuple(head),
+            head_spec=spec,
         )
 
     # ------------------------------------------------------------- describing
