@@ -328,7 +328,9 @@ def test_save_writes_provenance_and_load_reads_it(
     assert info["history"]["loss"] == pytest.approx(result.history["loss"])
     assert set(info["versions"]) == {"transferkit", "keras", "tensorflow", "numpy"}
     assert info["model_file"]["sha256"] == file_sha256(path)
-    # A replaced model file no longer matches its record.
+    # A replaced model file no longer matches its record. (Different weights: two saves of the
+    # same model within one second can be byte-identical archives.)
+    result.model.layers[-1].kernel.assign(result.model.layers[-1].kernel.numpy() + 1.0)
     result.save(tmp_path / "other.keras")
     os.replace(tmp_path / "other.keras", path)
     with pytest.warns(UserWarning, match="checksum mismatch"):
