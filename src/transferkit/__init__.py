@@ -1,8 +1,16 @@
-"""transferkit: fine-tuning and transfer learning for Keras 3, short, correct and fast."""
+"""transferkit: fine-tuning and transfer learning for Keras 3, short, correct and fast.
 
-from transferkit import callbacks
+The public names are imported lazily (PEP 562): `import transferkit` does not import TensorFlow.
+That lets transferkit's own entry points (`transferkit` CLI, `python -m transferkit.demo`) set
+`TF_ENABLE_ONEDNN_OPTS` before TensorFlow loads, and keeps `import transferkit` cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from transferkit._version import __version__
-from transferkit.callbacks import GradualUnfreezing, UnfreezeAt
 from transferkit.errors import (
     AdapterMismatchError,
     CheckpointError,
@@ -15,11 +23,25 @@ from transferkit.errors import (
     SaveError,
     TransferkitError,
 )
-from transferkit.heads import HeadSpec
-from transferkit.lr_finder import LRFinder
-from transferkit.provenance import load
-from transferkit.result import FitResult
-from transferkit.tuner import FineTuner
+
+if TYPE_CHECKING:
+    from transferkit import callbacks
+    from transferkit.callbacks import GradualUnfreezing, UnfreezeAt
+    from transferkit.heads import HeadSpec
+    from transferkit.lr_finder import LRFinder
+    from transferkit.provenance import load
+    from transferkit.result import FitResult
+    from transferkit.tuner import FineTuner
+
+_LAZY = {
+    "FineTuner": "transferkit.tuner",
+    "FitResult": "transferkit.result",
+    "GradualUnfreezing": "transferkit.callbacks",
+    "HeadSpec": "transferkit.heads",
+    "LRFinder": "transferkit.lr_finder",
+    "UnfreezeAt": "transferkit.callbacks",
+    "load": "transferkit.provenance",
+}
 
 __all__ = [
     "AdapterMismatchError",
@@ -42,3 +64,18 @@ __all__ = [
     "callbacks",
     "load",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "callbacks":
+        return importlib.import_module("transferkit.callbacks")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
