@@ -81,12 +81,17 @@ class FineTuner:
     ) -> None:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._custom_objects = dict(custom_objects or {})
+        self._safe_mode = bool(safe_mode)
         self._source: Path | None = None
         if isinstance(model, (str, os.PathLike)):
             self._source = Path(os.fspath(model))
             working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
         elif isinstance(model, keras.Model):
-            working = copy_model(model, custom_objects=custom_objects) if copy else model
+            working = (
+                copy_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+                if copy
+                else model
+            )
         else:
             raise ConfigError(
                 "FineTuner needs a keras.Model or the path of a .keras/.h5 file, got "
