@@ -171,7 +171,7 @@ def _load_keras2_nested_h5(
     Repeats what Keras' own legacy loader does (same scopes), on a corrected config
     (`keras2_nested_config`). Private Keras APIs, checked against Keras 3.15.1.
     """
-    import h5py
+    import h5py  # type: ignore[import-untyped]
     from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
     from keras.src.saving import serialization_lib
 
@@ -259,7 +259,7 @@ def copy_model(
     except Exception as exc:
         raise ConfigError(
             f"cannot copy model {model.name!r}: {exc}. Pass copy=False to work on it in place, "
-            "or pass its custom classes with custom_objects=.{_load_hint(exc)}"
+            f"or pass its custom classes with custom_objects=.{_load_hint(exc)}"
         ) from exc
     clone.set_weights(model.get_weights())
     _copy_flags(model, clone)
