@@ -301,7 +301,8 @@ def to_functional(model: keras.Model) -> keras.Model:
         _require_built(model)
         inputs = fresh_inputs(model)
         outputs = replay(model, inputs)
-        return keras.Model(inputs, outputs, name=model.name)
+        # A one-element list would make `.input` a list and the saved input structure nested.
+        return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=model.name)
     if getattr(model, "_nodes_by_depth", None) is None:
         raise ConfigError(
             f"model {model.name!r} is a subclassed keras.Model: transferkit needs a Functional "
