@@ -56,7 +56,10 @@ def test_spatial_cut_is_pooled_to_one_vector(
     pretrained: Pretrained, pool: str, cls: type, kernel_rows: int
 ) -> None:
     tuner = FineTuner(pretrained.keras_path).replace_head(
-        regression=True, outputs=2, at="pool", pool=pool  # type: ignore[arg-type]
+        regression=True,
+        outputs=2,
+        at="pool",
+        pool=pool,  # type: ignore[arg-type]
     )
     first = tuner.model.get_layer(f"head_{pool}")
     assert isinstance(first, cls)

@@ -109,7 +109,13 @@ def test_freeze_and_unfreeze_with_names_globs_and_classes(pretrained: Pretrained
     tuner.unfreeze("fc*")
     assert [n for n, t in _flags(tuner.model).items() if t] == ["fc1", "fc2"]
     tuner.unfreeze(keras.layers.Conv2D, "out")
-    assert [n for n, t in _flags(tuner.model).items() if t] == ["conv1", "conv2", "fc1", "fc2", "out"]
+    assert [n for n, t in _flags(tuner.model).items() if t] == [
+        "conv1",
+        "conv2",
+        "fc1",
+        "fc2",
+        "out",
+    ]
     tuner.freeze("conv?", keras.layers.Dense)
     assert [n for n, t in _flags(tuner.model).items() if t] == []
     tuner.unfreeze()
