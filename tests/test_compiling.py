@@ -127,7 +127,7 @@ def test_optimizer_factory_from_instance_name_and_callable() -> None:
     assert isinstance(optimizer_factory("rmsprop")(), keras.optimizers.RMSprop)
     made = optimizer_factory(lambda: keras.optimizers.SGD(0.1))()
     assert isinstance(made, keras.optimizers.SGD)
-    with pytest.raises(ConfigError, match="must return a keras.optimizers.Optimizer"):
+    with pytest.raises(ConfigError, match=r"must return a keras\.optimizers\.Optimizer"):
         optimizer_factory(lambda: "adam")
     with pytest.raises(ConfigError, match="unknown optimizer name"):
         optimizer_factory("adamz")

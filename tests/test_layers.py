@@ -28,7 +28,7 @@ def test_sequential_and_functional_twin_count_alike(ref: int) -> None:
     seq = FineTuner(build_cnn("seq")).freeze_until(ref)
     func = FineTuner(_functional_twin()).freeze_until(ref)
     assert _flags(seq.model) == _flags(func.model)
-    assert [n for n, t in _flags(seq.model).items() if t][0] == build_cnn().layers[ref].name
+    assert next(n for n, t in _flags(seq.model).items() if t) == build_cnn().layers[ref].name
 
 
 @pytest.mark.parametrize("ref", [0, 3, -1, -2, -4])
