@@ -8,9 +8,12 @@ are loaded with `compile=False` and transferkit compiles them itself.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,13 @@ import keras
 from transferkit.errors import ConfigError, ModelLoadError
 from transferkit.graph import fresh_inputs, graph_inputs, replay
 
-__all__ = ["copy_model", "load_model", "to_functional"]
+__all__ = [
+    "copy_model",
+    "keras2_nested_config",
+    "load_model",
+    "safe_mode_scope",
+    "to_functional",
+]
 
 _H5_SUFFIXES = (".h5", ".hdf5")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -61,16 +70,126 @@ def load_model(
             f"got suffix {suffix or '(none)'!r}."
         )
     _check_signature(p, suffix)
+    objects = dict(custom_objects or {})
     try:
-        with keras.saving.custom_object_scope(dict(custom_objects or {})):
-            model = keras.models.load_model(
-                p, compile=False, custom_objects=dict(custom_objects or {}), safe_mode=safe_mode
-            )
+        with keras.saving.custom_object_scope(objects):
+            try:
+                model = keras.models.load_model(
+                    p, compile=False, custom_objects=objects, safe_mode=safe_mode
+                )
+            except ValueError as exc:
+                if suffix == ".keras" or not _is_keras2_nested_failure(exc):
+                    raise
+                model = _load_keras2_nested_h5(p, custom_objects=objects, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many unrelated types for a bad file.
         hint = _load_hint(exc)
         raise ModelLoadError(f"could not load model from {str(p)!r}: {exc}{hint}") from exc
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"{str(p)!r} does not contain a Keras model (got {type(model)}).")
+    return model
+
+
+def _is_keras2_nested_failure(exc: BaseException) -> bool:
+    return "failed to be resolved" in str(exc)
+
+
+def _nested_model_names(layer_configs: list[Any]) -> set[str]:
+    return {
+        str(layer.get("name") or layer.get("config", {}).get("name"))
+        for layer in layer_configs
+        if isinstance(layer, dict) and layer.get("class_name") in _MODEL_CLASSES
+    }
+
+
+_MODEL_CLASSES = ("Functional", "Model", "Sequential")
+
+
+def _shift_refs(node: Any, nested: set[str]) -> Any:
+    # A reference is `[layer_name, node_index, tensor_index, ...]`, in the old list format or
+    # under "keras_history" in the new one; anything else is walked through unchanged.
+    if isinstance(node, list):
+        if (
+            len(node) >= 3
+            and isinstance(node[0], str)
+            and node[0] in nested
+            and isinstance(node[1], int)
+            and not isinstance(node[1], bool)
+            and node[1] >= 1
+        ):
+            return [node[0], node[1] - 1, *node[2:]]
+        return [_shift_refs(item, nested) for item in node]
+    if isinstance(node, dict):
+        return {key: _shift_refs(value, nested) for key, value in node.items()}
+    return node
+
+
+def keras2_nested_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A Keras 2 model config whose references to nested models Keras 3 can resolve.
+
+    Keras 2 gives a nested Functional/Sequential model a node of its own when it is built, so the
+    outer graph refers to its first call as `node_index` 1; Keras 3 counts that call as 0 and
+    fails with "nodes failed to be resolved". Every reference to a nested model layer (in
+    `inbound_nodes`, `input_layers` and `output_layers`, at every nesting depth) is shifted down
+    by one. The input is not modified.
+
+    Args:
+        config: a `{"class_name": ..., "config": {...}}` model config from a Keras 2 `.h5`.
+
+    Returns:
+        The corrected deep copy.
+    """
+    fixed = copy.deepcopy(config)
+    _fix_level(fixed)
+    return fixed
+
+
+def _fix_level(model_config: dict[str, Any]) -> None:
+    inner = model_config.get("config")
+    if not isinstance(inner, dict):
+        return
+    layers = inner.get("layers")
+    if not isinstance(layers, list):
+        return
+    nested = _nested_model_names(layers)
+    for layer in layers:
+        if not isinstance(layer, dict):
+            continue
+        if layer.get("class_name") in _MODEL_CLASSES:
+            _fix_level(layer)
+        if nested and "inbound_nodes" in layer:
+            layer["inbound_nodes"] = _shift_refs(layer["inbound_nodes"], nested)
+    for key in ("input_layers", "output_layers"):
+        if nested and key in inner:
+            inner[key] = _shift_refs(inner[key], nested)
+
+
+def _load_keras2_nested_h5(
+    path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
+) -> keras.Model:
+    """Loads a Keras 2 `.h5` with nested models, which `keras.models.load_model` cannot.
+
+    Repeats what Keras' own legacy loader does (same scopes), on a corrected config
+    (`keras2_nested_config`). Private Keras APIs, checked against Keras 3.15.1.
+    """
+    import h5py  # type: ignore[import-untyped]
+    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    from keras.src.saving import serialization_lib
+
+    with h5py.File(path, mode="r") as f:
+        raw = f.attrs.get("model_config")
+        if raw is None:
+            raise ValueError(f"no model config found in {str(path)!r}")
+        if hasattr(raw, "decode"):
+            raw = raw.decode("utf-8")
+        config = keras2_nested_config(json.loads(raw))
+        with (
+            saving_options.keras_option_scope(use_legacy_config=True),
+            serialization_lib.SafeModeScope(safe_mode),
+        ):
+            model = saving_utils.model_from_config(config, custom_objects=dict(custom_objects))
+            legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{str(path)!r} does not contain a Keras model")
     return model
 
 
@@ -101,22 +220,46 @@ def _load_hint(exc: BaseException) -> str:
     return ""
 
 
+@contextmanager
+def safe_mode_scope(safe_mode: bool) -> Iterator[None]:
+    """Keras' deserialization safe mode for the duration of the block.
+
+    `clone_model` rebuilds layers from their configs, and a `Lambda` layer refuses to
+    deserialize its function in safe mode. Private Keras API, checked against Keras 3.15.1.
+    """
+    from keras.src.saving import serialization_lib
+
+    with serialization_lib.SafeModeScope(safe_mode):
+        yield
+
+
 def copy_model(
-    model: keras.Model, *, custom_objects: Mapping[str, Any] | None = None
+    model: keras.Model,
+    *,
+    custom_objects: Mapping[str, Any] | None = None,
+    safe_mode: bool = True,
 ) -> keras.Model:
     """A deep copy of `model`: same architecture, weights and trainable flags, new variables.
+
+    Args:
+        model: a built Functional or Sequential model.
+        custom_objects: custom classes the model's layers need to be rebuilt.
+        safe_mode: False allows copying `Lambda` layers (their code is re-created).
 
     Raises:
         ConfigError: the model is not built, or cannot be cloned (a subclassed model).
     """
     _require_built(model)
     try:
-        with keras.saving.custom_object_scope(dict(custom_objects or {})):
+        with (
+            keras.saving.custom_object_scope(dict(custom_objects or {})),
+            safe_mode_scope(safe_mode),
+        ):
             clone = keras.models.clone_model(model)
     except Exception as exc:
         raise ConfigError(
             f"cannot copy model {model.name!r}: {exc}. Pass copy=False to work on it in place, "
-            "or pass its custom classes with custom_objects=."
+            f"or pass its custom classes with custom_objects=.{_load_hint(exc)}"
         ) from exc
     clone.set_weights(model.get_weights())
     _copy_flags(model, clone)
@@ -158,7 +301,8 @@ def to_functional(model: keras.Model) -> keras.Model:
         _require_built(model)
         inputs = fresh_inputs(model)
         outputs = replay(model, inputs)
-        return keras.Model(inputs, outputs, name=model.name)
+        # A one-element list would make `.input` a list and the saved input structure nested.
+        return keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=model.name)
     if getattr(model, "_nodes_by_depth", None) is None:
         raise ConfigError(
             f"model {model.name!r} is a subclassed keras.Model: transferkit needs a Functional "

@@ -109,6 +109,7 @@ class FineTuner:
     ) -> None:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._custom_objects = dict(custom_objects or {})
+        self._safe_mode = bool(safe_mode)
         self._source: Path | None = None
         self._source_sha256: str | None = None
         self._strategy = resolve_strategy(strategy, model, copy=copy)
@@ -118,7 +119,11 @@ class FineTuner:
                 working = load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
                 self._source_sha256 = file_sha256(self._source)
             elif isinstance(model, keras.Model):
-                working = copy_model(model, custom_objects=custom_objects) if copy else model
+                working = (
+                    copy_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+                    if copy
+                    else model
+                )
             else:
                 raise ConfigError(
                     "FineTuner needs a keras.Model or the path of a .keras/.h5 file, got "

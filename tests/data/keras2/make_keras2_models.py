@@ -20,11 +20,11 @@ import os
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras as _keras_pkg
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras
 from tensorflow.keras import layers
-import keras as _keras_pkg
 
 KERAS_VERSION = _keras_pkg.__version__
 assert KERAS_VERSION.startswith("2."), (
@@ -38,8 +38,7 @@ RNG = np.random.default_rng(0)
 
 def _save(model, name, x_train, y_train, x_io):
     if model.optimizer is not None and y_train is not None:
-        model.fit(x_train, y_train, batch_size=4, epochs=1, steps_per_epoch=3,
-                  verbose=0)
+        model.fit(x_train, y_train, batch_size=4, epochs=1, steps_per_epoch=3, verbose=0)
     path = os.path.join(OUT, name + ".h5")
     model.save(path)  # legacy HDF5 because of the .h5 suffix
     y = model.predict(x_io, verbose=0)
@@ -52,29 +51,32 @@ def _f32(*shape):
 
 
 def seq_cnn():
-    m = keras.Sequential([
-        layers.Conv2D(8, 3, activation="relu", input_shape=(8, 8, 1)),
-        layers.MaxPooling2D(),
-        layers.Conv2D(16, 3, padding="same"),
-        layers.Flatten(),
-        layers.Dense(32, activation="relu"),
-        layers.Dropout(0.25),
-        layers.Dense(5, activation="softmax"),
-    ])
+    m = keras.Sequential(
+        [
+            layers.Conv2D(8, 3, activation="relu", input_shape=(8, 8, 1)),
+            layers.MaxPooling2D(),
+            layers.Conv2D(16, 3, padding="same"),
+            layers.Flatten(),
+            layers.Dense(32, activation="relu"),
+            layers.Dropout(0.25),
+            layers.Dense(5, activation="softmax"),
+        ]
+    )
     # Keras-2 legacy optimizer with `lr` / `decay` arguments.
     opt = keras.optimizers.legacy.SGD(lr=0.01, momentum=0.9, decay=1e-6)
-    m.compile(optimizer=opt, loss="sparse_categorical_crossentropy",
-              metrics=["accuracy"])
+    m.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     x = _f32(12, 8, 8, 1)
     y = RNG.integers(0, 5, size=(12,))
     _save(m, "seq_cnn", x, y, _f32(4, 8, 8, 1))
 
 
 def seq_mlp_mse():
-    m = keras.Sequential([
-        layers.Dense(16, input_dim=10),
-        layers.Dense(1),
-    ])
+    m = keras.Sequential(
+        [
+            layers.Dense(16, input_dim=10),
+            layers.Dense(1),
+        ]
+    )
     m.compile("sgd", "mse", metrics=["mae"])
     _save(m, "seq_mlp_mse", _f32(12, 10), _f32(12, 1), _f32(4, 10))
 
@@ -101,8 +103,9 @@ def func_resnet():
     x = layers.GlobalAveragePooling2D()(x)
     out = layers.Dense(3, activation="softmax")(x)
     m = keras.Model(inp, out)
-    m.compile(keras.optimizers.legacy.Adam(lr=1e-3), "categorical_crossentropy",
-              metrics=["accuracy"])
+    m.compile(
+        keras.optimizers.legacy.Adam(lr=1e-3), "categorical_crossentropy", metrics=["accuracy"]
+    )
     y = np.eye(3, dtype="float32")[RNG.integers(0, 3, size=(12,))]
     _save(m, "func_resnet", _f32(12, 16, 16, 3), y, _f32(4, 16, 16, 3))
 
@@ -123,19 +126,23 @@ def nested_base():
 
 
 def seq_lambda():
-    m = keras.Sequential([
-        layers.Lambda(lambda x: x * 2.0, input_shape=(6,)),
-        layers.Dense(3),
-    ])
+    m = keras.Sequential(
+        [
+            layers.Lambda(lambda x: x * 2.0, input_shape=(6,)),
+            layers.Dense(3),
+        ]
+    )
     m.compile("rmsprop", "mse")
     _save(m, "seq_lambda", _f32(12, 6), _f32(12, 3), _f32(4, 6))
 
 
 def seq_no_compile():
-    m = keras.Sequential([
-        layers.Dense(8, activation="tanh", input_shape=(5,)),
-        layers.Dense(2),
-    ])
+    m = keras.Sequential(
+        [
+            layers.Dense(8, activation="tanh", input_shape=(5,)),
+            layers.Dense(2),
+        ]
+    )
     _save(m, "seq_no_compile", None, None, _f32(4, 5))
 
 

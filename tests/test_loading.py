@@ -1,0 +1,241 @@
+"""Loading `.keras` / `.h5` files (genuine Keras 2 ones included) and copying models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from conftest import Pretrained, build_cnn, weights_of
+
+from transferkit import ConfigError, FineTuner, ModelLoadError
+from transferkit.loading import copy_model, keras2_nested_config, load_model, to_functional
+
+KERAS2 = Path(__file__).parent / "data" / "keras2"
+KERAS2_FILES = sorted(p.stem for p in KERAS2.glob("*.h5"))
+
+
+def test_all_keras2_fixtures_are_listed() -> None:
+    assert KERAS2_FILES == [
+        "func_resnet",
+        "nested_base",
+        "seq_cnn",
+        "seq_lambda",
+        "seq_mlp_mse",
+        "seq_no_compile",
+    ]
+
+
+def _targets(model: keras.Model, n: int) -> np.ndarray:
+    units = int(model.output_shape[-1])
+    if units == 1:
+        return np.linspace(-1, 1, n, dtype="float32")[:, None]
+    return (np.arange(n) % units).astype("int64")
+
+
+@pytest.mark.parametrize("stem", KERAS2_FILES)
+def test_keras2_h5_loads_predicts_the_same_and_fine_tunes(stem: str) -> None:
+    io = np.load(KERAS2 / f"{stem}_io.npz")
+    tuner = FineTuner(KERAS2 / f"{stem}.h5", safe_mode=stem != "seq_lambda")
+    np.testing.assert_allclose(tuner.model.predict(io["x"], verbose=0), io["y"], atol=1e-5)
+
+    before = [w.copy() for w in tuner.model.get_weights()]
+    result = tuner.compile_sgd(lr=1e-2).fit(
+        io["x"], _targets(tuner.model, len(io["x"])), epochs=1, verbose=0
+    )
+    assert result.epochs == 1 and np.isfinite(result.history["loss"]).all()
+    changed = [
+        not np.array_equal(a, b) for a, b in zip(before, tuner.model.get_weights(), strict=True)
+    ]
+    assert any(changed)
+
+
+def test_keras2_nested_base_keeps_the_base_as_one_layer() -> None:
+    tuner = FineTuner(KERAS2 / "nested_base.h5")
+    names = [layer.name for layer in tuner.model.layers]
+    assert names[1:] == ["base", "dense_6"]
+    base = tuner.model.get_layer("base")
+    assert isinstance(base, keras.Model)
+    # batchnorm="frozen" reaches inside the nested base.
+    bn = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bn) == 1 and not bn[0].trainable
+    tuner.freeze_until("flatten_1")
+    flags = {layer.name: layer.trainable for layer in base.layers[1:]}
+    assert flags == {
+        "conv2d_7": False,
+        "batch_normalization_3": False,
+        "flatten_1": True,
+        "dense_5": True,
+    }
+
+
+def test_keras2_nested_config_shifts_only_nested_model_references() -> None:
+    def ref(name: str, node: int) -> list[Any]:
+        return [name, node, 0, {}]
+
+    inner = {
+        "class_name": "Functional",
+        "name": "inner",
+        "config": {
+            "name": "inner",
+            "layers": [
+                {"class_name": "InputLayer", "name": "i0", "inbound_nodes": []},
+                {"class_name": "Dense", "name": "d0", "inbound_nodes": [[ref("i0", 0)]]},
+            ],
+            "input_layers": [["i0", 0, 0]],
+            "output_layers": [["d0", 0, 0]],
+        },
+    }
+    base = {
+        "class_name": "Functional",
+        "name": "base",
+        "config": {
+            "name": "base",
+            "layers": [
+                {"class_name": "InputLayer", "name": "i1", "inbound_nodes": []},
+                {**inner, "inbound_nodes": [[ref("i1", 0)]]},
+                {"class_name": "Dense", "name": "d1", "inbound_nodes": [[ref("inner", 1)]]},
+            ],
+            "input_layers": [["i1", 0, 0]],
+            "output_layers": [["d1", 0, 0]],
+        },
+    }
+    outer = {
+        "class_name": "Functional",
+        "config": {
+            "name": "outer",
+            "layers": [
+                {"class_name": "InputLayer", "name": "i2", "inbound_nodes": []},
+                {**base, "inbound_nodes": [[ref("i2", 0)]]},
+                {"class_name": "Dense", "name": "d2", "inbound_nodes": [[ref("base", 1)]]},
+                {
+                    "class_name": "Add",
+                    "name": "add",
+                    "inbound_nodes": [[ref("base", 2), ref("d2", 1)]],
+                },
+            ],
+            "input_layers": [["i2", 0, 0]],
+            "output_layers": [["add", 0, 0], ["base", 1, 0]],
+        },
+    }
+    fixed = keras2_nested_config(outer)
+    layers = fixed["config"]["layers"]
+    assert layers[2]["inbound_nodes"] == [[ref("base", 0)]]
+    # Only nested-model references move; an ordinary layer's node index is left alone.
+    assert layers[3]["inbound_nodes"] == [[ref("base", 1), ref("d2", 1)]]
+    assert fixed["config"]["output_layers"] == [["add", 0, 0], ["base", 0, 0]]
+    assert fixed["config"]["input_layers"] == [["i2", 0, 0]]
+    # One level down, recursively.
+    assert layers[1]["config"]["layers"][2]["inbound_nodes"] == [[ref("inner", 0)]]
+    # The input is untouched.
+    assert outer["config"]["layers"][2]["inbound_nodes"] == [[ref("base", 1)]]  # type: ignore[index]
+
+
+def test_lambda_file_needs_safe_mode_false() -> None:
+    with pytest.raises(ModelLoadError, match="safe_mode=False") as info:
+        FineTuner(KERAS2 / "seq_lambda.h5")
+    assert "seq_lambda.h5" in str(info.value)
+
+
+def test_copy_of_a_lambda_model_honours_safe_mode() -> None:
+    io = np.load(KERAS2 / "seq_lambda_io.npz")
+    raw = keras.models.load_model(KERAS2 / "seq_lambda.h5", compile=False, safe_mode=False)
+    with pytest.raises(ConfigError, match="safe_mode=False"):
+        FineTuner(raw)
+    tuner = FineTuner(raw, safe_mode=False)
+    assert tuner.model is not raw
+    np.testing.assert_allclose(tuner.model.predict(io["x"], verbose=0), io["y"], atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "keras_path"])
+def test_file_and_load_classmethod_predict_like_the_original(
+    pretrained: Pretrained, few_shot: tuple[np.ndarray, ...], fmt: str
+) -> None:
+    x = few_shot[2][:20]
+    path = getattr(pretrained, fmt)
+    want = pretrained.model.predict(x, verbose=0)
+    for tuner in (FineTuner(path), FineTuner.load(path), FineTuner(str(path))):
+        assert tuner.source == path
+        np.testing.assert_allclose(tuner.model.predict(x, verbose=0), want, atol=1e-6)
+        # A loaded Sequential has no `.input`; the working model (a Functional twin) has.
+        assert tuple(tuner.model.input.shape) == (None, 8, 8, 1)
+
+
+def test_loaded_sequential_becomes_a_functional_twin(pretrained: Pretrained) -> None:
+    loaded = load_model(pretrained.h5)
+    assert isinstance(loaded, keras.Sequential)
+    with pytest.raises(AttributeError):
+        _ = loaded.input
+    twin = to_functional(loaded)
+    assert not isinstance(twin, keras.Sequential)
+    assert [layer.name for layer in twin.layers[1:]] == [layer.name for layer in loaded.layers]
+    assert all(a is b for a, b in zip(twin.layers[1:], loaded.layers, strict=True))
+
+
+def test_copy_model_keeps_weights_and_flags_with_new_variables(pretrained: Pretrained) -> None:
+    src = keras.models.load_model(pretrained.keras_path, compile=False)
+    src.get_layer("conv1").trainable = False
+    clone = copy_model(src)
+    assert clone.get_layer("conv1").trainable is False
+    assert clone.get_layer("conv2").trainable is True
+    for a, b in zip(src.weights, clone.weights, strict=True):
+        assert a is not b
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_copy_true_leaves_the_callers_model_untouched(
+    pretrained: Pretrained, few_shot: tuple[np.ndarray, ...]
+) -> None:
+    x, y, _, _ = few_shot
+    caller = keras.models.load_model(pretrained.keras_path, compile=False)
+    caller.get_layer("fc1").trainable = False
+    flags = {layer.name: layer.trainable for layer in caller.layers}
+    weights = [w.copy() for w in caller.get_weights()]
+
+    tuner = FineTuner(caller)  # copy=True is the default
+    tuner.unfreeze().freeze("conv*").replace_head(3, at="fc2").compile_sgd(lr=1e-2)
+    tuner.fit(x, y % 3, epochs=1, verbose=0)
+
+    assert tuner.model.get_layer("fc1").trainable is True  # it did change in the copy
+    assert {layer.name: layer.trainable for layer in caller.layers} == flags
+    for old, new in zip(weights, caller.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert caller.output_shape == (None, 5)
+
+
+def test_copy_false_works_in_place(
+    pretrained: Pretrained, few_shot: tuple[np.ndarray, ...]
+) -> None:
+    x, y, _, _ = few_shot
+    model = keras.models.load_model(pretrained.keras_path, compile=False)
+    before = weights_of(model.get_layer("fc1"))
+    tuner = FineTuner(model, copy=False).freeze_until("fc1").compile_sgd(lr=1e-2)
+    assert model.get_layer("conv1").trainable is False
+    assert model.get_layer("fc1").trainable is True
+    # The working model is a Functional twin over the very same layer objects.
+    assert tuner.model.get_layer("fc1") is model.get_layer("fc1")
+    tuner.fit(x, y, epochs=1, verbose=0)
+    after = weights_of(model.get_layer("fc1"))
+    assert not np.array_equal(before[0], after[0])
+
+
+def test_copy_false_on_a_functional_model_is_the_same_object() -> None:
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    assert FineTuner(model, copy=False).model is model
+    assert FineTuner(model).model is not model
+
+
+def test_unbuilt_sequential_is_refused() -> None:
+    model = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ConfigError, match="not built"):
+        FineTuner(model)
+
+
+def test_copy_of_fixture_cnn_is_independent() -> None:
+    model = build_cnn("indep")
+    tuner = FineTuner(model)
+    tuner.model.get_layer("fc1").kernel.assign(np.zeros((256, 32), "float32"))
+    assert np.abs(model.get_layer("fc1").kernel.numpy()).sum() > 0
