@@ -114,15 +114,16 @@ def layer_blocker(layer: Any) -> str | None:
     """
     if not isinstance(layer, keras.layers.Layer):
         return None
-    if layer.trainable and layer.weights:
-        return "is trainable"
-    for sub in _sublayers(layer):
+    subs = _sublayers(layer)
+    for sub in subs:
         if isinstance(sub, RANDOM_LAYER_TYPES) or _seed_generators(sub):
             return f"is random in training mode ({type(sub).__name__})"
         if isinstance(sub, keras.layers.BatchNormalization) and sub.trainable:
             return "is a BatchNormalization layer in training mode"
-        if getattr(sub, "activity_regularizer", None) is not None:
-            return "adds an activity-regularization loss"
+    if layer.trainable and layer.weights:
+        return "is trainable"
+    if any(getattr(sub, "activity_regularizer", None) is not None for sub in subs):
+        return "adds an activity-regularization loss"
     return None
 
 
@@ -202,7 +203,7 @@ def dataset_randomness(dataset: Any) -> tuple[str | None, str | None]:
         node = by_name[name]
         if node.op.startswith("CacheDataset"):
             continue
-        if "Shuffle" in node.op and node.op.endswith("Dataset") or "ShuffleDataset" in node.op:
+        if "Shuffle" in node.op:
             attr = node.attr.get("reshuffle_each_iteration")
             if attr is None or attr.b:
                 random = random or "it shuffles in every epoch (`shuffle()` reshuffles)"
@@ -354,9 +355,7 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     last = max((i for i, n in enumerate(nodes) if n in prefix_nodes), default=-1)
     cut_tensor = frontier[-1]
     cut_layer = _producer_name(cut_tensor)
-    if last >= 0 and any(
-        id(t) == id(cut_tensor) for t in keras.tree.flatten(nodes[last].outputs)
-    ):
+    if last >= 0 and any(id(t) == id(cut_tensor) for t in keras.tree.flatten(nodes[last].outputs)):
         cut_layer = nodes[last].operation.name
     return CachePlan(prefix, suffix, cut_layer, [n.operation.name for n in prefix_nodes])
 
@@ -519,16 +518,14 @@ def _prefix_function(prefix: keras.Model) -> Any:
 
     # training=True: exactly what the layers compute inside `fit` (a frozen BatchNormalization
     # uses its moving statistics either way).
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def run(batch: Any) -> Any:
         return prefix(batch, training=True)
 
     return run
 
 
-def _extract_arrays(
-    fn: Any, x: Any, batch_size: int, stores: list[_Store], verbose: Any
-) -> None:
+def _extract_arrays(fn: Any, x: Any, batch_size: int, stores: list[_Store], verbose: Any) -> None:
     n = len(keras.tree.flatten(x)[0])
     steps = math.ceil(n / batch_size)
     bar = _progbar(steps, verbose)
@@ -773,8 +770,10 @@ def cached_executor(
         history = _fit_cached(model, plan, x, y, kw, callbacks, _Budget(memory), spill)
         if isinstance(history, str):  # a property only seen while reading a dataset
             if mode is True:
-                raise ConfigError(f"cache=True, but this fit cannot use the feature cache: "
-                                  f"{history}. Use cache='auto' or cache=False.")
+                raise ConfigError(
+                    f"cache=True, but this fit cannot use the feature cache: "
+                    f"{history}. Use cache='auto' or cache=False."
+                )
             return plain_executor(model, x, y, fit_kwargs)
     return ExecutorResult(history=history, cached=True, cache_layer=plan.cut_layer)
 
@@ -823,7 +822,7 @@ def _fit_cached(
         if split and val is None:
             # Keras' rule: the last fraction of the samples, before any shuffling.
             n = _n_rows(x)
-            at = int(math.floor(n * (1.0 - split)))
+            at = math.floor(n * (1.0 - split))
             if at in (0, n):
                 return f"validation_split={split} leaves an empty split of {n} samples"
             val = (_slice(x, at, n), _slice(y, at, n), _slice(sw, at, n))
@@ -866,7 +865,8 @@ def _train_suffix(
     batch_size = int(kw.pop("batch_size"))
     shuffle = kw.pop("shuffle", True)
     if _is_spilled(feats.x):
-        data: dict[str, Any] = {"x": _MemmapBatches(feats, batch_size, shuffle)}
+        # Keras would shuffle a PyDataset's batch order (not its samples): it shuffles itself.
+        data: dict[str, Any] = {"x": _MemmapBatches(feats, batch_size, shuffle), "shuffle": False}
         steps = len(data["x"])
     else:
         data = {

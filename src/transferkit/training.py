@@ -71,7 +71,7 @@ def _choose_executor(options: FitOptions) -> Executor:
         # Imported here: cache.py builds on this module's ExecutorResult and plain_executor.
         from transferkit.cache import make_cached_executor
 
-        return make_cached_executor(options.cache, options.cache_memory)
+        return make_cached_executor(True if options.cache is True else "auto", options.cache_memory)
     raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
 
 
