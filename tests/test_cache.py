@@ -140,9 +140,11 @@ def test_exact_with_shuffle_false_and_validation(
     assert not plain.cached and cached.cached
     assert cached.cache_layer == tuner.model.layers[-3].name
     assert close(pw, cw)
-    assert set(plain.history) == set(cached.history) == {
-        "loss", "accuracy", "val_loss", "val_accuracy"
-    }
+    assert (
+        set(plain.history)
+        == set(cached.history)
+        == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    )
     for key in plain.history:
         assert np.allclose(plain.history[key], cached.history[key], rtol=1e-4, atol=1e-5), key
     assert cached.epochs == 3 and cached.best_epoch == plain.best_epoch
@@ -199,7 +201,7 @@ def test_batchnorm_in_training_mode_is_not_cached(
     trained.compile_sgd(lr=0.01)
     assert trained.fit(*small, **FIT).cache_layer == "conv2"
     frozen = FineTuner(bn_model.model).freeze_until("fc").unfreeze("bn2")  # BN stays frozen
-    plain, cached, pw, cw = twin_fits(frozen, *small, shuffle=False, **FIT)
+    _, cached, pw, cw = twin_fits(frozen, *small, shuffle=False, **FIT)
     assert cached.cache_layer == "gap" and close(pw, cw)
 
 
@@ -207,7 +209,7 @@ def test_cut_inside_a_nested_base(
     nested_model: Pretrained, small: tuple[np.ndarray, np.ndarray]
 ) -> None:
     tuner = FineTuner(nested_model.model).freeze_until("base_fc")
-    plain, cached, pw, cw = twin_fits(tuner, *small, shuffle=False, **FIT)
+    _, cached, pw, cw = twin_fits(tuner, *small, shuffle=False, **FIT)
     assert cached.cached and cached.cache_layer == "base_flatten"
     assert close(pw, cw)
 
@@ -216,7 +218,7 @@ def test_residual_graph_cut_after_add(
     residual_model: Pretrained, small: tuple[np.ndarray, np.ndarray]
 ) -> None:
     tuner = FineTuner(residual_model.model).freeze_until("side")
-    plain, cached, pw, cw = twin_fits(tuner, *small, shuffle=False, **FIT)
+    _, cached, pw, cw = twin_fits(tuner, *small, shuffle=False, **FIT)
     assert cached.cache_layer == "add" and close(pw, cw)
 
 
@@ -231,7 +233,7 @@ def test_two_cut_tensors(small: tuple[np.ndarray, np.ndarray]) -> None:
     tuner = FineTuner(keras.Model(inp, out)).freeze("conv_a", "conv_b")
     plan = plan_cache(tuner.model)
     assert not isinstance(plan, str) and len(plan.prefix.outputs) == 2
-    plain, cached, pw, cw = twin_fits(tuner, *small, shuffle=False, **FIT)
+    _, cached, pw, cw = twin_fits(tuner, *small, shuffle=False, **FIT)
     assert cached.cached and close(pw, cw)
 
 
@@ -263,8 +265,13 @@ def test_memmap_spill_is_exact_and_removed(
     tuner.model.set_weights(start)
     tuner.compile_sgd(lr=0.05)
     cached = tuner.fit(
-        *small, cache=True, cache_memory=1, shuffle=False, validation_data=val,
-        callbacks=[see], **FIT,
+        *small,
+        cache=True,
+        cache_memory=1,
+        shuffle=False,
+        validation_data=val,
+        callbacks=[see],
+        **FIT,
     )
     assert cached.cached and close(pw, tuner.model.get_weights())
     assert np.allclose(plain.history["val_loss"], cached.history["val_loss"], rtol=1e-4)

@@ -659,15 +659,22 @@ def _data_reason(x: Any, y: Any, kw: dict[str, Any], mode: Mode) -> str | None:
     if isinstance(x, keras.utils.PyDataset):
         return "a keras.utils.PyDataset is read batch by batch by Keras; only arrays and tf.data"
     if _is_dataset(x):
-        return _dataset_reason(x, mode, "the training dataset") or (
-            "steps_per_epoch with a dataset is not supported by the cache"
-            if kw.get("steps_per_epoch") is not None
-            else None
-        )
+        if y is not None or kw.get("sample_weight") is not None or kw.get("validation_split"):
+            # Keras refuses these with a dataset; plain fit raises its own error.
+            return "y, sample_weight or validation_split were given with a dataset"
+        if kw.get("steps_per_epoch") is not None:
+            return "steps_per_epoch with a dataset is not supported by the cache"
+        return _dataset_reason(x, mode, "the training dataset") or _val_reason(kw, mode)
     if not _is_arrays(x) or (y is not None and not _is_arrays(y)):
         return f"the data is neither NumPy arrays nor a tf.data.Dataset ({type(x).__name__})"
+    if y is None:
+        return "no targets (y) were given"
     if any(kw.get(k) is not None for k in _ARRAY_ONLY):
         return "steps_per_epoch is not supported by the cache"
+    return _val_reason(kw, mode)
+
+
+def _val_reason(kw: dict[str, Any], mode: Mode) -> str | None:
     val = kw.get("validation_data")
     if val is not None:
         if _is_dataset(val):
