@@ -67,11 +67,14 @@ def plain_executor(
 
 
 def _choose_executor(options: FitOptions) -> Executor:
-    if options.cache is True:
-        raise ConfigError("cache=True is not available yet: the feature cache is not implemented.")
-    if options.cache not in ("auto", False):
-        raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
-    return plain_executor
+    if options.cache is False:
+        return plain_executor
+    if options.cache is True or options.cache == "auto":
+        # Imported here: cache.py builds on this module's ExecutorResult and plain_executor.
+        from transferkit.cache import make_cached_executor
+
+        return make_cached_executor(True if options.cache is True else "auto", options.cache_memory)
+    raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
 
 
 def run_fit(

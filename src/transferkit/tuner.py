@@ -508,6 +508,7 @@ class FineTuner:
         Raises:
             NotCompiledError: no compile yet.
             DataError: the data does not fit the model.
+            ConfigError: `cache=True` and the fit cannot be cached (the message says why).
         """
         model = self.ensure_compiled(y)
         check_fit_data(

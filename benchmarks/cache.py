@@ -1,0 +1,208 @@
+"""Benchmark of the frozen-prefix feature cache against plain Keras and the hand-written baseline.
+
+The model of issue #3: six 3x3 convolutions (32-32, 64-64, 128-128) with max-pooling, Flatten,
+Dense(256), Dense(10); 4096 random 32x32x3 images with 10 random classes; only the last two
+Dense layers train; SGD; batch 128; 20 epochs. Four ways to train, interleaved, each in a fresh
+Python process (so that every row pays its own tracing and reports its own peak memory):
+
+- ``keras``: plain ``model.fit`` on the full model;
+- ``by-hand``: the Keras transfer-learning guide's feature extraction: ``base.predict`` once,
+  then ``fit`` of a separate head model made of the two Dense layers;
+- ``tk-nocache``: ``FineTuner.fit(cache=False)``;
+- ``tk-cache``: ``FineTuner.fit(cache="auto")``.
+
+Each row times the training call only (the by-hand row: building the two models, predict and
+fit). All runs start from the same weights with ``shuffle=False``, so the final weights must
+agree with plain Keras within ``numpy.allclose(rtol=1e-4, atol=1e-5)``; the script checks it.
+
+Run: ``python -m benchmarks.cache`` or ``python benchmarks/cache.py`` (``--epochs``,
+``--repeats``, ``--samples``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("keras", "by-hand", "tk-nocache", "tk-cache")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_model(seed: int = 0):  # type: ignore[no-untyped-def]
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inp = keras.Input((32, 32, 3), name="image")
+    x = inp
+    for i, filters in enumerate((32, 32, 64, 64, 128, 128)):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i + 1}")(x)
+        if i % 2 == 1:
+            x = layers.MaxPooling2D(name=f"pool{i // 2 + 1}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(256, activation="relu", name="fc1")(x)
+    out = layers.Dense(10, name="logits")(x)
+    return keras.Model(inp, out, name="vgg_like")
+
+
+def data(samples: int):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((samples, 32, 32, 3), dtype="float32")
+    y = rng.integers(0, 10, samples)
+    return x, y
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_one(method: str, epochs: int, samples: int, out: Path) -> None:
+    """Trains once with `method` in this process and writes seconds, memory and weights."""
+    import keras
+    import numpy as np
+
+    x, y = data(samples)
+    model = build_model()
+    for layer in model.layers[:-2]:
+        layer.trainable = False
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    lr, momentum, batch = 0.01, 0.9, 128
+    rss_start = _rss_mib()
+    cpu_start = _cpu()
+    if method == "keras":
+        model.compile(keras.optimizers.SGD(lr, momentum=momentum), loss, metrics=["accuracy"])
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0)
+        seconds = time.perf_counter() - start
+        trained = model
+    elif method == "by-hand":
+        start = time.perf_counter()
+        base = keras.Model(model.inputs, model.get_layer("flatten").output)
+        head = keras.Sequential(
+            [
+                keras.Input((base.output.shape[-1],)),
+                model.get_layer("fc1"),
+                model.get_layer("logits"),
+            ]
+        )
+        head.compile(keras.optimizers.SGD(lr, momentum=momentum), loss, metrics=["accuracy"])
+        features = base.predict(x, batch_size=batch, verbose=0)
+        head.fit(features, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0)
+        seconds = time.perf_counter() - start
+        trained = model
+    else:
+        from transferkit import FineTuner
+
+        tuner = FineTuner(model, copy=False).freeze_until("fc1")
+        tuner.compile_sgd(lr=lr, momentum=momentum, loss=loss, metrics=["accuracy"])
+        cache = "auto" if method == "tk-cache" else False
+        start = time.perf_counter()
+        result = tuner.fit(
+            x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0, cache=cache
+        )
+        seconds = time.perf_counter() - start
+        trained = result.model
+        if cache == "auto" and not result.cached:
+            raise SystemExit("cache='auto' did not cache: the benchmark is broken")
+    np.savez(out, *[w.numpy() for w in trained.weights])
+    cpu = _cpu() - cpu_start
+    report = {"seconds": seconds, "cpu": cpu, "peak_rss": _rss_mib(), "rss_start": rss_start}
+    out.with_suffix(".json").write_text(json.dumps(report))
+
+
+def _child(method: str, epochs: int, samples: int, out: Path) -> dict[str, float]:
+    env = dict(os.environ)
+    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    cmd = [sys.executable, "-m", "benchmarks.cache", "--child", method]
+    cmd += ["--epochs", str(epochs), "--samples", str(samples), "--out", str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+    result: dict[str, float] = json.loads(out.with_suffix(".json").read_text())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=4096)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        run_one(args.child, args.epochs, args.samples, args.out)
+        return 0
+
+    import numpy as np
+
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    rss: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpus: dict[str, list[float]] = {m: [] for m in METHODS}
+    agree: dict[str, bool] = {m: True for m in METHODS}
+    with tempfile.TemporaryDirectory(prefix="tk-bench-") as tmp:
+        for rep in range(args.repeats):
+            order = METHODS if rep % 2 == 0 else tuple(reversed(METHODS))
+            for method in order:
+                out = Path(tmp) / f"{method}_{rep}.npz"
+                got = _child(method, args.epochs, args.samples, out)
+                times[method].append(got["seconds"])
+                rss[method].append(got["peak_rss"])
+                cpus[method].append(got["cpu"])
+                print(
+                    f"repeat {rep + 1} {method:11s} {got['seconds']:7.2f} s "
+                    f"(cpu {got['cpu']:.2f} s)",
+                    flush=True,
+                )
+            ref = np.load(Path(tmp) / f"keras_{rep}.npz")
+            for method in METHODS:
+                mine = np.load(Path(tmp) / f"{method}_{rep}.npz")
+                agree[method] &= all(
+                    np.allclose(mine[k], ref[k], rtol=1e-4, atol=1e-5) for k in ref.files
+                )
+    base = statistics.median(times["keras"])
+    print()
+    print(f"{args.samples} images, {args.epochs} epochs, {args.repeats} repeat(s), median seconds")
+    print("(cpu: user+sys seconds of the training call, steadier than wall time on a busy host)")
+    head = f"{'method':12s} {'seconds':>8s} {'vs keras':>9s} {'speed-up':>9s} {'cpu s':>7s}"
+    print(f"{head} {'peak RSS':>10s}  weights")
+    for method in METHODS:
+        med = statistics.median(times[method])
+        print(
+            f"{method:12s} {med:8.2f} {med / base:9.3f} {base / med:8.2f}x "
+            f"{statistics.median(cpus[method]):7.2f} "
+            f"{max(rss[method]):6.0f} MiB  {'agree' if agree[method] else 'DIFFER'}"
+        )
+    hand = statistics.median(times["by-hand"])
+    cached = statistics.median(times["tk-cache"])
+    print()
+    print(
+        f"tk-nocache / keras   = {statistics.median(times['tk-nocache']) / base:.3f} (target <= 1.03)"
+    )
+    print(f"keras / tk-cache     = {base / cached:.2f}x (target >= 5.5x at 20 epochs)")
+    print(f"tk-cache / by-hand   = {cached / hand:.3f} (target <= 1.05)")
+    return 0 if all(agree.values()) else 1
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+    sys.exit(main())
