@@ -8,6 +8,8 @@ figure once, as the cell's value.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +33,23 @@ _TRAIN_COLOR = "#0072B2"
 _VAL_COLOR = "#D55E00"
 
 
+@functools.cache
+def _displayable(figure_class: type) -> Any:
+    class TransferkitFigure(figure_class):  # type: ignore[misc]
+        """A Figure that a notebook shows as the value of a cell.
+
+        A Figure made without `pyplot` has no display hook until the inline backend is set up
+        (which importing `pyplot` does); `_repr_png_` lets IPython show it either way, once.
+        """
+
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+            return buffer.getvalue()
+
+    return TransferkitFigure
+
+
 def _new_figure(**kwargs: Any) -> Any:
     """A `matplotlib.figure.Figure`, or `MissingExtraError` naming the extra to install."""
     try:
@@ -39,7 +58,7 @@ def _new_figure(**kwargs: Any) -> Any:
         raise MissingExtraError(
             'plotting needs matplotlib: pip install "transferkit[plot]"'
         ) from exc
-    return Figure(**kwargs)
+    return _displayable(Figure)(**kwargs)
 
 
 def _save(fig: Any, path: str | os.PathLike[str] | None) -> None:
