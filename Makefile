@@ -29,12 +29,15 @@ lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.stamp-dev
-	$(BIN)/mypy --strict src
+	$(BIN)/mypy --strict src tests/typing_check.py
 
 unit: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest -n 2 -q
 
-test: lint typecheck unit
+docs: $(VENV)/.stamp-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint typecheck unit docs
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python -m benchmarks.cache

@@ -217,3 +217,29 @@ class FitResult:
                 "this result has no LoRA adapters: call FineTuner.lora(...) before fit()."
             )
         return save_adapters(self.model, config, path)
+
+    def plot(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Draws loss and each metric per epoch, training and validation, one panel each.
+
+        With more than one phase, dashed lines mark where each phase begins. Needs the `plot`
+        extra (matplotlib).
+
+        Args:
+            path: also save the figure there as a PNG.
+
+        Returns:
+            The `matplotlib.figure.Figure`.
+
+        Raises:
+            MissingExtraError: matplotlib is not installed (`pip install "transferkit[plot]"`).
+            SaveError: `path` cannot be written.
+        """
+        from transferkit.plotting import plot_history
+
+        return plot_history(
+            self.history,
+            phases=self.phases,
+            best_epoch=self.best_epoch,
+            monitor=self.monitor,
+            path=path,
+        )

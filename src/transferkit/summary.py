@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
+from html import escape
+from typing import Any, TextIO
 
 import keras
 import numpy as np
@@ -11,7 +14,15 @@ import numpy as np
 from transferkit.graph import is_container
 from transferkit.layers import top_layers
 
-__all__ = ["LayerRow", "count_params", "layer_rows", "render_summary"]
+__all__ = [
+    "LayerRow",
+    "count_params",
+    "layer_rows",
+    "print_summary",
+    "render_html",
+    "render_rich",
+    "render_summary",
+]
 
 
 def _size(variables: list[keras.Variable]) -> int:
@@ -135,3 +146,105 @@ def render_summary(model: keras.Model, *, new_layers: Collection[str] = ()) -> s
     out.append(f"Parameters: {trainable:,} of {total:,} trainable ({shown}%)")
     out.append(f"Non-trainable params: {frozen:,}")
     return "\n".join(out)
+
+
+_HEADERS = ("#", "layer", "class", "output shape", "params", "trainable")
+_STATE_STYLE = {"no": "dim", "partly": "yellow", "yes": "bold blue", "new": "bold green"}
+
+
+def _cells(rows: list[LayerRow]) -> list[tuple[str, ...]]:
+    # Only top-level rows are numbered, as integer layer references count them.
+    out: list[tuple[str, ...]] = []
+    top_i = 0
+    for row in rows:
+        index = ""
+        if row.depth == 0:
+            index = str(top_i)
+            top_i += 1
+        out.append(
+            (
+                index,
+                "  " * row.depth + row.name,
+                row.cls + (f" (LoRA r={row.lora_rank})" if row.lora_rank else ""),
+                row.output_shape,
+                f"{row.params:,}",
+                row.trainable,
+            )
+        )
+    return out
+
+
+def _totals(model: keras.Model) -> tuple[str, str]:
+    trainable, frozen = count_params(model)
+    total = trainable + frozen
+    share = 100.0 * trainable / total if total else 0.0
+    return (
+        f"Trainable params: {trainable:,} of {total:,} ({share:.1f}%)",
+        f"Non-trainable params: {frozen:,}",
+    )
+
+
+def render_rich(model: keras.Model, *, new_layers: Collection[str] = ()) -> Any:
+    """The summary as a `rich` renderable (a table with the totals as its caption).
+
+    `rich` is a dependency of Keras, so it is always there.
+    """
+    from rich import box
+    from rich.markup import escape as markup
+    from rich.table import Table
+
+    rows = layer_rows(model, new_layers=new_layers)
+    table = Table(
+        title=f"Model [bold]{markup(model.name)}[/bold]",
+        caption="\n".join(_totals(model)),
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for c, header in enumerate(_HEADERS):
+        table.add_column(header, justify="right" if c in (0, 4) else "left", no_wrap=c == 1)
+    for row, cells in zip(rows, _cells(rows), strict=True):
+        state = _STATE_STYLE.get(row.trainable, "")
+        plain = [markup(cell) for cell in cells]
+        table.add_row(*plain[:-1], f"[{state}]{plain[-1]}[/]" if state else plain[-1])
+    return table
+
+
+def render_html(model: keras.Model, *, new_layers: Collection[str] = ()) -> str:
+    """The summary as an HTML table (for notebooks), the totals below it."""
+    rows = layer_rows(model, new_layers=new_layers)
+    colors = {"no": "#888", "partly": "#b8860b", "yes": "#0072B2", "new": "#009E73"}
+    head = "".join(f"<th>{escape(h)}</th>" for h in _HEADERS)
+    body = []
+    for row, cells in zip(rows, _cells(rows), strict=True):
+        tds = []
+        for c, cell in enumerate(cells):
+            align = "right" if c in (0, 4) else "left"
+            style = f"text-align:{align}"
+            if c == 1:
+                style += f";padding-left:{0.5 + 1.2 * row.depth:.1f}em"
+                cell = cell.strip()
+            if c == 5:
+                style += f";color:{colors.get(row.trainable, 'inherit')};font-weight:bold"
+            tds.append(f'<td style="{style}">{escape(cell)}</td>')
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    totals = "<br>".join(escape(t) for t in _totals(model))
+    return (
+        f'<div class="transferkit-summary"><b>Model &quot;{escape(model.name)}&quot;</b>'
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        f"<p>{totals}</p></div>"
+    )
+
+
+def print_summary(
+    model: keras.Model, *, new_layers: Collection[str] = (), file: TextIO | None = None
+) -> None:
+    """Prints the summary to `file` (stdout): a `rich` table on a terminal, plain text otherwise
+    (a pipe, a log file or a notebook), so logs never fill with colour codes."""
+    stream = file if file is not None else sys.stdout
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        from rich.console import Console
+
+        Console(file=stream).print(render_rich(model, new_layers=new_layers))
+    else:
+        print(render_summary(model, new_layers=new_layers), file=stream)

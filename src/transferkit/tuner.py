@@ -7,7 +7,7 @@ import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import keras
 import numpy as np
@@ -54,7 +54,14 @@ from transferkit.phases import (
 )
 from transferkit.provenance import file_sha256, fit_context
 from transferkit.result import FitResult
-from transferkit.summary import count_params, render_summary
+from transferkit.summary import (
+    count_params,
+    layer_rows,
+    print_summary,
+    render_html,
+    render_rich,
+    render_summary,
+)
 from transferkit.training import FitOptions, run_fit
 
 if TYPE_CHECKING:
@@ -861,3 +868,38 @@ class FineTuner:
             f"trainable_params={trainable:,}, non_trainable_params={frozen:,}, head={head}, "
             f"batchnorm={self._batchnorm!r}, compiled={compiled})"
         )
+
+    def _new_layers(self) -> tuple[str, ...]:
+        return self._head.layer_names if self._head else ()
+
+    def print_summary(self, file: TextIO | None = None) -> None:
+        """Prints `summary()`: as a `rich` table when `file` (default stdout) is a terminal,
+        as the plain text otherwise."""
+        print_summary(self._model, new_layers=self._new_layers(), file=file)
+
+    def __rich__(self) -> Any:
+        """The summary table for `rich.print(tuner)`."""
+        return render_rich(self._model, new_layers=self._new_layers())
+
+    def _repr_html_(self) -> str:
+        """The summary as an HTML table: what a notebook shows for a `FineTuner`."""
+        return render_html(self._model, new_layers=self._new_layers())
+
+    def plot_layers(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Draws the layers as a strip coloured frozen / trainable / new, with a bar of each
+        layer's parameter count. Needs the `plot` extra (matplotlib).
+
+        Args:
+            path: also save the figure there as a PNG.
+
+        Returns:
+            The `matplotlib.figure.Figure`.
+
+        Raises:
+            MissingExtraError: matplotlib is not installed (`pip install "transferkit[plot]"`).
+            SaveError: `path` cannot be written.
+        """
+        from transferkit.plotting import plot_layers
+
+        rows = layer_rows(self._model, new_layers=self._new_layers())
+        return plot_layers(rows, title=self._model.name, path=path)
