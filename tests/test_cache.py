@@ -289,8 +289,11 @@ def test_temp_files_removed_after_an_exception(
     tuner = FineTuner(pretrained.model).replace_head(5, hidden=(8,), at="fc2").freeze_until(-2)
     tuner.compile_sgd(lr=0.05)
     see = _SeeFiles(spill_root, fail=error)
+    # raise_on_interrupt: by default a KeyboardInterrupt returns an interrupted FitResult.
     with pytest.raises(error):
-        tuner.fit(*small, cache="auto", cache_memory=1, callbacks=[see], **FIT)
+        tuner.fit(
+            *small, cache="auto", cache_memory=1, callbacks=[see], raise_on_interrupt=True, **FIT
+        )
     assert see.seen and any(f.endswith(".npy") for f in see.seen[0])
     assert spilled_files(spill_root) == []
 

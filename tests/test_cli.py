@@ -71,7 +71,7 @@ def test_fit_end_to_end_in_a_subprocess(
 def test_inspect_in_a_subprocess(nested_model: Pretrained) -> None:
     proc = run("inspect", str(nested_model.h5))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("base", "  base_conv1", "top_out", "Trainable params:"):
+    for name in ("base", "  base_conv1", "top_out", "Parameters:"):
         assert name in proc.stdout
     assert "Output activation: softmax" in proc.stdout
     assert "Inferred loss: SparseCategoricalCrossentropy(from_logits=False)" in proc.stdout

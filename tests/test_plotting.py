@@ -141,7 +141,7 @@ def test_summary_renderings(tuned: tuple[FineTuner, FitResult]) -> None:
     assert isinstance(plain, str) and "head_output" in plain and "\x1b[" not in plain
     html = tuner._repr_html_()
     assert html.count("<tr>") == 1 + 9
-    assert "<td" in html and "head_output" in html and "Trainable params: 10,165" in html
+    assert "<td" in html and "head_output" in html and "Parameters: 10,165 of" in html
 
     from rich.console import Console
 

@@ -102,52 +102,6 @@ def layer_rows(
     return rows
 
 
-def render_summary(model: keras.Model, *, new_layers: Collection[str] = ()) -> str:
-    """A plain-text table: one row per layer and the parameter totals."""
-    rows = layer_rows(model, new_layers=new_layers)
-    headers = ("#", "layer", "class", "output shape", "params", "trainable")
-    table = [
-        (
-            str(i) if row.depth == 0 else "",
-            "  " * row.depth + row.name,
-            row.cls + (f" (LoRA r={row.lora_rank})" if row.lora_rank else ""),
-            row.output_shape,
-            f"{row.params:,}",
-            row.trainable,
-        )
-        for i, row in enumerate(rows)
-    ]
-    # Index only top-level rows, counting as integer layer references count.
-    top_i = 0
-    indexed = []
-    for row, cells in zip(rows, table, strict=True):
-        if row.depth == 0:
-            cells = (str(top_i), *cells[1:])
-            top_i += 1
-        indexed.append(cells)
-    widths = [
-        max(len(h), *(len(r[c]) for r in indexed)) if indexed else len(h)
-        for c, h in enumerate(headers)
-    ]
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(
-            cell.rjust(w) if c in (0, 4) else cell.ljust(w)
-            for c, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    sep = "-" * len(line(headers))
-    trainable, frozen = count_params(model)
-    total = trainable + frozen
-    share = 100.0 * trainable / total if total else 0.0
-    # One decimal, like PEFT's print_trainable_parameters; LoRA shares below 0.1% keep two digits.
-    shown = f"{share:.1f}" if share >= 0.1 or share == 0 else f"{share:.2g}"
-    out = [f'Model "{model.name}"', sep, line(headers), sep, *(line(r) for r in indexed), sep]
-    out.append(f"Parameters: {trainable:,} of {total:,} trainable ({shown}%)")
-    out.append(f"Non-trainable params: {frozen:,}")
-    return "\n".join(out)
-
-
 _HEADERS = ("#", "layer", "class", "output shape", "params", "trainable")
 _STATE_STYLE = {"no": "dim", "partly": "yellow", "yes": "bold blue", "new": "bold green"}
 
@@ -178,10 +132,32 @@ def _totals(model: keras.Model) -> tuple[str, str]:
     trainable, frozen = count_params(model)
     total = trainable + frozen
     share = 100.0 * trainable / total if total else 0.0
+    # One decimal, like PEFT's print_trainable_parameters; LoRA shares below 0.1% keep two digits.
+    shown = f"{share:.1f}" if share >= 0.1 or share == 0 else f"{share:.2g}"
     return (
-        f"Trainable params: {trainable:,} of {total:,} ({share:.1f}%)",
+        f"Parameters: {trainable:,} of {total:,} trainable ({shown}%)",
         f"Non-trainable params: {frozen:,}",
     )
+
+
+def render_summary(model: keras.Model, *, new_layers: Collection[str] = ()) -> str:
+    """A plain-text table: one row per layer and the parameter totals."""
+    cells = _cells(layer_rows(model, new_layers=new_layers))
+    widths = [
+        max(len(h), *(len(r[c]) for r in cells)) if cells else len(h)
+        for c, h in enumerate(_HEADERS)
+    ]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.rjust(w) if c in (0, 4) else cell.ljust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+
+    sep = "-" * len(line(_HEADERS))
+    out = [f'Model "{model.name}"', sep, line(_HEADERS), sep, *(line(r) for r in cells), sep]
+    out.extend(_totals(model))
+    return "\n".join(out)
 
 
 def render_rich(model: keras.Model, *, new_layers: Collection[str] = ()) -> Any:
