@@ -5,6 +5,7 @@ so each run is a fresh interpreter:
 
     python tests/distribute_worker.py mirrored    MODEL DATA OUT_DIR
     python tests/distribute_worker.py multiworker MODEL DATA OUT_DIR   (TF_CONFIG set)
+    python tests/distribute_worker.py recipes     MODEL DATA OUT_DIR
 
 MODEL is a pre-trained `.keras` file, DATA an `.npz` with `x` and `y`. Each run writes `.npz`
 files of final weights to OUT_DIR; the test compares them.
@@ -76,9 +77,11 @@ def mirrored(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
     # Loaded outside any scope on purpose: FineTuner copies it into the strategy's scope.
     pretrained = keras.models.load_model(model_path, compile=False)
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
-    tuner, _, _ = fine_tune(pretrained, x, y, strategy)
+    tuner, result, _ = fine_tune(pretrained, x, y, strategy)
     np.savez(out / "mirrored.npz", **weights(tuner.model))
-    single, _, start = fine_tune(pretrained, x, y, None)
+    single, single_result, start = fine_tune(pretrained, x, y, None)
+    # Both runs train the head on cached features of the frozen prefix.
+    print(f"cached={result.cached},{single_result.cached} layer={result.cache_layer}")
     np.savez(out / "single.npz", **weights(single.model))
     np.savez(out / "start.npz", **start)
     kinds = sorted({type(v.value).__name__ for v in tuner.model.variables})
@@ -96,15 +99,57 @@ def multiworker(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> Non
     task = strategy.cluster_resolver.task_id
     np.savez(out / f"worker{task}.npz", **weights(tuner.model))
     print(f"task={task} chief={is_chief(strategy)} replicas={strategy.num_replicas_in_sync}")
+    print(f"cached={result.cached}")
     print(f"saved={saved}")
     print(f"val_loss={result.history['val_loss']}")
+
+
+def recipes(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
+    """fine_tune, find_lr, LoRA and checkpoint_dir under a 2-replica MirroredStrategy, each
+    against the same recipe without a strategy (final weights saved for the test to compare)."""
+    split_cpu(2)
+    import keras
+
+    from transferkit import FineTuner
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+
+    def tuner(strat: Any) -> Any:
+        t = FineTuner.load(model_path, strategy=strat)
+        keras.utils.set_random_seed(7)
+        return t.replace_head(5, at="flatten", hidden=(16,))
+
+    fit = {"batch_size": GLOBAL_BATCH, "shuffle": False, "verbose": 0}
+    for name, strat in (("mirrored", strategy), ("single", None)):
+        ft = tuner(strat).compile_sgd(lr=0.05, momentum=0.9)
+        result = ft.fine_tune(x, y, head_epochs=1, epochs=1, **fit)
+        np.savez(out / f"fine_tune_{name}.npz", **weights(ft.model))
+        print(f"{name} fine_tune phases={result.phases}")
+
+        lt = tuner(strat).lora(rank=2).compile_sgd(lr=0.05, momentum=0.9)
+        result = lt.fit(x, y, epochs=EPOCHS, **fit)
+        np.savez(out / f"lora_{name}.npz", **weights(lt.model))
+        print(f"{name} lora cached={result.cached}")
+
+        # The body frozen: the head trains on cached features, checkpointed every epoch.
+        ct = tuner(strat).freeze_until("head_dense_1").compile_sgd(lr=0.05, momentum=0.9)
+        result = ct.fit(x, y, epochs=EPOCHS, checkpoint_dir=out / f"ckpt_{name}", **fit)
+        np.savez(out / f"checkpoint_{name}.npz", **weights(ct.model))
+        print(f"{name} checkpoint epochs={result.epochs} cached={result.cached}")
+
+        before = [v.numpy().copy() for v in ct.model.variables]
+        finder = ct.find_lr(x, y, steps=20, batch_size=GLOBAL_BATCH)
+        after = [v.numpy() for v in ct.model.variables]
+        same = all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+        print(f"{name} find_lr points={len(finder.lrs)} unchanged={same}")
 
 
 def main(argv: list[str]) -> None:
     mode, model_path, data_path, out_dir = argv
     data = np.load(data_path)
     x, y = data["x"], data["y"]
-    {"mirrored": mirrored, "multiworker": multiworker}[mode](model_path, x, y, Path(out_dir))
+    modes = {"mirrored": mirrored, "multiworker": multiworker, "recipes": recipes}
+    modes[mode](model_path, x, y, Path(out_dir))
 
 
 if __name__ == "__main__":

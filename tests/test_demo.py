@@ -32,6 +32,8 @@ def test_main_quick_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None
         "from scratch",
         "fine-tune all layers",
         "fine-tune last layers",
+        "two-phase fine_tune",
+        "LoRA r=4 + new head",
         "classifier -> regressor",
         "regressor from scratch",
     ]
@@ -45,6 +47,9 @@ def test_main_quick_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None
     # Fewer parameters train when the convolutions are frozen.
     params = {r[0]: int(r[3].replace(",", "")) for r in body}
     assert params["fine-tune last layers"] < params["fine-tune all layers"]
+    # LoRA trains the head and the adapters on the frozen convolutions, not the kernels.
+    assert params["fine-tune last layers"] < params["LoRA r=4 + new head"]
+    assert params["LoRA r=4 + new head"] < params["fine-tune all layers"]
     assert "Total:" in out
 
 

@@ -36,7 +36,9 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from transferkit.distribution import prepare_model
 from transferkit.errors import ConfigError
 from transferkit.graph import fresh_inputs, replay
 from transferkit.training import Executor, ExecutorResult, plain_executor
@@ -790,8 +792,9 @@ def _model_reason(model: keras.Model, kw: dict[str, Any], mode: Mode) -> str | N
 
     if not getattr(model, "compiled", False) or model.optimizer is None:
         return "the model is not compiled"
-    if tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None) is not None:
-        return "the model trains under a tf.distribute strategy"
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is not None and not tf.distribute.has_strategy():
+        return "the model was compiled under a tf.distribute strategy whose scope is not entered"
     if not model.trainable_variables:
         return "the model has no trainable weights"
     epochs = int(kw.get("epochs", 1)) - int(kw.get("initial_epoch", 0))
@@ -869,6 +872,10 @@ def _train_suffix(
         steps_per_execution=config.get("steps_per_execution", 1),
         jit_compile=config.get("jit_compile", "auto"),
     )
+    if tf.distribute.has_strategy():
+        # Under a strategy (FineTuner.fit enters its scope) the suffix trains on the replicas
+        # like the full model would: Keras distributes the cached arrays by the global batch.
+        prepare_model(suffix, tf.distribute.get_strategy())
     batch_size = int(kw.pop("batch_size"))
     shuffle = kw.pop("shuffle", True)
     if _is_spilled(feats.x):

@@ -243,6 +243,36 @@ def arm_fine_tune_last(ctx: DemoContext) -> Row:
     return Row("fine-tune last layers", "accuracy", _accuracy(model, ctx.data), params, seconds)
 
 
+def arm_two_phase(ctx: DemoContext) -> Row:
+    """`fine_tune`: the new head alone for half the epochs, then every layer at a tenth of the
+    learning rate (fresh optimizer per phase)."""
+    keras.utils.set_random_seed(ctx.config.seed)
+    tuner = FineTuner(ctx.pretrained).replace_head(len(NEW_DIGITS), at=_CUT).compile("adam")
+    head_epochs = ctx.config.epochs // 2
+    start = time.perf_counter()
+    result = tuner.fine_tune(
+        ctx.data.x_train,
+        ctx.data.y_train,
+        head_epochs=head_epochs,
+        epochs=ctx.config.epochs - head_epochs,
+        lr_factor=0.1,
+        batch_size=ctx.config.batch_size,
+        verbose=0,
+    )
+    seconds = time.perf_counter() - start
+    accuracy = _accuracy(result.model, ctx.data)
+    return Row("two-phase fine_tune", "accuracy", accuracy, result.trainable_params, seconds)
+
+
+def arm_lora(ctx: DemoContext) -> Row:
+    """LoRA: the pre-trained layers frozen under rank-4 adapters, the new head trained with them."""
+    keras.utils.set_random_seed(ctx.config.seed)
+    tuner = FineTuner(ctx.pretrained).replace_head(len(NEW_DIGITS), at=_CUT).lora(rank=4)
+    tuner.compile("adam")
+    model, seconds, params = _fit(tuner, ctx, ctx.data.y_train)
+    return Row("LoRA r=4 + new head", "accuracy", _accuracy(model, ctx.data), params, seconds)
+
+
 def arm_regression(ctx: DemoContext) -> Row:
     """Recipe 3: cut at layer -6 and predict the digit's value with a Dense(64)-Dense(1) head."""
     keras.utils.set_random_seed(ctx.config.seed)
@@ -265,6 +295,8 @@ ARMS: list[Arm] = [
     Arm("scratch", arm_scratch),
     Arm("fine-tune-all", arm_fine_tune_all),
     Arm("fine-tune-last", arm_fine_tune_last),
+    Arm("two-phase", arm_two_phase),
+    Arm("lora", arm_lora),
     Arm("regression", arm_regression),
     Arm("regression-scratch", arm_regression_scratch),
 ]

@@ -729,17 +729,18 @@ class FineTuner:
         one_hot = spec.loss_inferred and self._one_hot_labels(y)
         loss, _ = self._resolved_loss(spec, one_hot)
         check_fit_data(self._model, x, y, rule=label_rule(loss, self._model), what="find_lr data")
-        return run_lr_finder(
-            self._model,
-            x,
-            y,
-            optimizer_factory=spec.factory,
-            loss=loss,
-            start_lr=start_lr,
-            end_lr=end_lr,
-            steps=steps,
-            batch_size=batch_size,
-        )
+        with self._scope():  # its optimizer and train step must live on the replicas
+            return run_lr_finder(
+                self._model,
+                x,
+                y,
+                optimizer_factory=spec.factory,
+                loss=loss,
+                start_lr=start_lr,
+                end_lr=end_lr,
+                steps=steps,
+                batch_size=batch_size,
+            )
 
     def adapt_batchnorm(self, x: Any, *, batch_size: int = 32, steps: int | None = None) -> Self:
         """Re-estimates every BatchNormalization layer's moving mean and variance on `x`.
@@ -761,7 +762,8 @@ class FineTuner:
             ConfigError: invalid arguments, no BatchNormalization layer, or a shared one.
             DataError: empty data or data that does not fit the model.
         """
-        _batchnorm.adapt_batchnorm(self._model, x, batch_size=batch_size, steps=steps)
+        with self._scope():
+            _batchnorm.adapt_batchnorm(self._model, x, batch_size=batch_size, steps=steps)
         return self
 
     def lora(
@@ -800,15 +802,16 @@ class FineTuner:
         if isinstance(targets, (str, int, type, keras.layers.Layer)):
             targets = [targets]
         head = self._head.layer_names if self._head else ()
-        self._lora = _lora.enable(
-            self._model,
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            head=head,
-            head_spec=self._head.to_dict() if self._head else None,
-            batchnorm=self._batchnorm,
-        )
+        with self._scope():  # enable_lora creates the adapter variables
+            self._lora = _lora.enable(
+                self._model,
+                rank=rank,
+                alpha=alpha,
+                targets=targets,
+                head=head,
+                head_spec=self._head.to_dict() if self._head else None,
+                batchnorm=self._batchnorm,
+            )
         # enable_lora adds variables without changing layer flags: force a fresh optimizer.
         self._compiled_signature = None
         return self
@@ -827,14 +830,15 @@ class FineTuner:
             AdapterMismatchError: another base or head; names the first variable that differs.
         """
         head = self._head.layer_names if self._head else ()
-        self._lora = _lora.load_adapters(
-            self._model,
-            path,
-            current=self._lora,
-            head=head,
-            head_spec=self._head.to_dict() if self._head else None,
-            batchnorm=self._batchnorm,
-        )
+        with self._scope():
+            self._lora = _lora.load_adapters(
+                self._model,
+                path,
+                current=self._lora,
+                head=head,
+                head_spec=self._head.to_dict() if self._head else None,
+                batchnorm=self._batchnorm,
+            )
         self._compiled_signature = None
         return self
 
