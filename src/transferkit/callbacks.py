@@ -10,7 +10,6 @@ and rebuild the train function. Layers unfrozen at the start of epoch k change i
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from transferkit.layers import (
 )
 from transferkit.lora import check_flags_editable
 from transferkit.lr_groups import scaled_optimizer
+from transferkit.validation import check_positive_number
 
 __all__ = ["GradualUnfreezing", "TunerLike", "UnfreezeAt", "bind_callbacks"]
 
@@ -356,15 +356,8 @@ class UnfreezeAt(_UnfreezeCallback):
     ) -> None:
         super().__init__(batchnorm)
         self.epoch = _check_positive_int(epoch, "epoch", 0)
-        if (
-            isinstance(lr_factor, bool)
-            or not isinstance(lr_factor, (int, float))
-            or not math.isfinite(lr_factor)
-            or lr_factor <= 0
-        ):
-            raise ConfigError(f"lr_factor must be a finite number > 0, got {lr_factor!r}.")
         self.ref = ref
-        self.lr_factor = float(lr_factor)
+        self.lr_factor = check_positive_number(lr_factor, "lr_factor")
         self.switched_at: int | None = None
 
     def _check_model(self, model: keras.Model) -> None:

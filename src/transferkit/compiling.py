@@ -6,7 +6,6 @@ a change of trainable flags needs a fresh instance: transferkit keeps a factory,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ import keras
 from transferkit.errors import ConfigError
 from transferkit.heads import HeadSpec
 from transferkit.lr_groups import LRGroups, build_optimizer
+from transferkit.validation import check_positive_number
 
 __all__ = [
     "CompileSpec",
@@ -37,9 +37,7 @@ def check_learning_rate(lr: object, name: str = "lr") -> float:
     Raises:
         ConfigError: not a finite number > 0.
     """
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {lr!r}.")
-    return float(lr)
+    return check_positive_number(lr, name)
 
 
 def sgd_factory(lr: float, *, momentum: float = 0.9, nesterov: bool = False) -> OptimizerFactory:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from transferkit.layers import (
     select,
     top_layers,
 )
+from transferkit.validation import check_positive_number
 
 __all__ = [
     "FORMAT",
@@ -186,14 +186,7 @@ def _check_rank(rank: object, alpha: object) -> tuple[int, float | None]:
         raise ConfigError(f"rank must be an int >= 1, got {rank!r}.")
     if alpha is None:
         return rank, None
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
-        raise ConfigError(f"alpha must be a number > 0 or None (alpha = rank), got {alpha!r}.")
-    return rank, float(alpha)
+    return rank, check_positive_number(alpha, "alpha", extra=" or None (alpha = rank)")
 
 
 def _unsupported(layer: keras.layers.Layer) -> str | None:

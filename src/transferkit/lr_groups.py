@@ -11,7 +11,6 @@ was built with, so it is rebuilt for every compile (every phase, every change of
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import keras
 
 from transferkit.errors import ConfigError
 from transferkit.layers import Selector, leaf_layers, select
+from transferkit.validation import check_positive_number
 
 __all__ = [
     "LRGroups",
@@ -53,14 +53,7 @@ class LRGroups:
 
 
 def _check_factor(value: object, what: str) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{what} must be a finite number > 0, got {value!r}.")
-    return float(value)
+    return check_positive_number(value, what)
 
 
 def check_lr_groups(

@@ -13,6 +13,7 @@ from transferkit.errors import ConfigError
 from transferkit.heads import HeadSpec, default_cut
 from transferkit.layers import leaf_layers, resolve, top_layers
 from transferkit.result import FitResult
+from transferkit.validation import check_positive_number
 
 __all__ = [
     "check_phase_args",
@@ -35,13 +36,7 @@ def check_phase_args(head_epochs: object, epochs: object, lr_factor: object) -> 
             raise ConfigError(f"{name} must be an int >= 0, got {value!r}.")
     if head_epochs == 0 and epochs == 0:
         raise ConfigError("fine_tune needs head_epochs >= 1 or epochs >= 1: both are 0.")
-    if (
-        isinstance(lr_factor, bool)
-        or not isinstance(lr_factor, (int, float))
-        or not math.isfinite(lr_factor)
-        or lr_factor <= 0
-    ):
-        raise ConfigError(f"lr_factor must be a finite number > 0, got {lr_factor!r}.")
+    check_positive_number(lr_factor, "lr_factor")
 
 
 def head_layers(model: keras.Model, head: HeadSpec | None) -> list[keras.layers.Layer]:
