@@ -141,7 +141,8 @@ def recipes(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
         finder = ct.find_lr(x, y, steps=20, batch_size=GLOBAL_BATCH)
         after = [v.numpy() for v in ct.model.variables]
         same = all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-        print(f"{name} find_lr points={len(finder.lrs)} unchanged={same}")
+        # The sweep may stop early once the loss diverges at the highest rates.
+        print(f"{name} find_lr swept={len(finder.lrs) >= 5} unchanged={same}")
 
 
 def main(argv: list[str]) -> None:

@@ -166,7 +166,7 @@ def test_recipes_under_mirrored_strategy(task: tuple[Path, Path], tmp_path: Path
     for name in ("mirrored", "single"):
         assert f"{name} fine_tune phases=[('head', 1), ('full', 1)]" in text, text[-3000:]
         assert f"{name} checkpoint epochs=2 cached=True" in text, text[-3000:]
-        assert f"{name} find_lr points=20 unchanged=True" in text, text[-3000:]
+        assert f"{name} find_lr swept=True unchanged=True" in text, text[-3000:]
     # Each recipe trains the same under 2 replicas as on one device (float32 all-reduce
     # rounding only, as in the plain fine-tune above). Runs that train every layer for long at a
     # high rate amplify that rounding (measured: 1.7e-3 after 2 epochs at lr 0.05), so these
