@@ -111,6 +111,14 @@ def test_help_of_each_command(command: str | None, capsys: pytest.CaptureFixture
         assert "--batch-size" in out and "--cache" in out and "--out" in out
 
 
+def test_demo_command_runs_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--quick", "--shots", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "from 2 images per class" in out
+    assert "| from scratch | accuracy |" in out and "| LoRA r=4 + new head | accuracy |" in out
+    assert "Total:" in out
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
