@@ -115,8 +115,6 @@ class FineTuner:
         strategy: tf.distribute.Strategy | None = None,
     ) -> None:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
-        self._custom_objects = dict(custom_objects or {})
-        self._safe_mode = bool(safe_mode)
         self._source: Path | None = None
         self._source_sha256: str | None = None
         self._strategy = resolve_strategy(strategy, model, copy=copy)
@@ -137,7 +135,6 @@ class FineTuner:
                     f"{type(model).__name__}."
                 )
             self._model: keras.Model = to_functional(working)
-        self._base_layer_names = frozenset(layer.name for layer in self._model.layers)
         self._head: HeadSpec | None = None
         self._compile_spec: CompileSpec | None = None
         self._compiled_signature: tuple[Any, ...] | None = None
