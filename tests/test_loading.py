@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import Pretrained, build_cnn, weights_of
 
 from transferkit import ConfigError, FineTuner, ModelLoadError
+from transferkit.keras2 import keras2_config
 from transferkit.loading import copy_model, keras2_nested_config, load_model, to_functional
 
 KERAS2 = Path(__file__).parent / "data" / "keras2"
@@ -25,6 +27,8 @@ def test_all_keras2_fixtures_are_listed() -> None:
         "seq_lambda",
         "seq_mlp_mse",
         "seq_no_compile",
+        "tf_ops",
+        "tutorial_mobilenet",
     ]
 
 
@@ -50,6 +54,71 @@ def test_keras2_h5_loads_predicts_the_same_and_fine_tunes(stem: str) -> None:
         not np.array_equal(a, b) for a, b in zip(before, tuner.model.get_weights(), strict=True)
     ]
     assert any(changed)
+
+
+def test_keras2_tf_op_layers_load_and_survive_a_save() -> None:
+    # TFOpLambda / SlicingOpLambda are gone from Keras 3; transferkit's stand-ins replace them.
+    tuner = FineTuner(KERAS2 / "tutorial_mobilenet.h5")
+    classes = {type(layer).__name__ for layer in tuner.model.layers}
+    assert {"TFOpLambda", "RandomFlip", "Sequential"} <= classes
+    # DepthwiseConv2D's Keras 2 `groups=1` was dropped, the weights kept.
+    base = tuner.model.get_layer("base")
+    assert any(type(layer).__name__ == "DepthwiseConv2D" for layer in base.layers)
+    io = np.load(KERAS2 / "tf_ops_io.npz")
+    ops = FineTuner(KERAS2 / "tf_ops.h5")
+    assert "SlicingOpLambda" in {type(layer).__name__ for layer in ops.model.layers}
+    result = ops.replace_head(num_classes=2, hidden=()).compile_sgd(lr=1e-2)
+    fitted = result.fit(io["x"], np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix in (".keras", ".h5"):
+            path = Path(tmp) / f"ops{suffix}"
+            fitted.save(path)
+            reloaded = keras.models.load_model(path)
+            np.testing.assert_allclose(
+                reloaded.predict(io["x"], verbose=0), fitted.predict(io["x"]), atol=1e-6
+            )
+
+
+def test_keras2_config_turns_tensor_keywords_into_inputs() -> None:
+    add = {
+        "class_name": "TFOpLambda",
+        "name": "tf.__operators__.add",
+        "config": {"name": "tf.__operators__.add", "function": "__operators__.add"},
+        "inbound_nodes": [["dense", 0, 0, {"y": ["input_1", 0, 0], "name": None}]],
+    }
+    scale = {
+        "class_name": "TFOpLambda",
+        "name": "tf.math.multiply",
+        "config": {"name": "tf.math.multiply", "function": "math.multiply"},
+        "inbound_nodes": [["tf.__operators__.add", 0, 0, {"y": 2.0, "name": None}]],
+    }
+    dw = {
+        "class_name": "DepthwiseConv2D",
+        "name": "dw",
+        "config": {"name": "dw", "kernel_size": [3, 3], "groups": 1},
+        "inbound_nodes": [],
+    }
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "layers": [
+                {"class_name": "InputLayer", "name": "input_1", "config": {}, "inbound_nodes": []},
+                {"class_name": "Dense", "name": "dense", "config": {}, "inbound_nodes": []},
+                add,
+                scale,
+                dw,
+            ],
+            "input_layers": [["input_1", 0, 0]],
+            "output_layers": [["tf.math.multiply", 0, 0]],
+        },
+    }
+    fixed = keras2_config(config)["config"]["layers"]
+    kwargs = {"name": None, "transferkit_tensor_kwargs": ["y"]}
+    assert fixed[2]["inbound_nodes"] == [[["dense", 0, 0, kwargs], ["input_1", 0, 0, kwargs]]]
+    # A constant keyword stays; the bare one-input entry becomes a list of entries.
+    assert fixed[3]["inbound_nodes"] == [[["tf.__operators__.add", 0, 0, {"y": 2.0, "name": None}]]]
+    assert "groups" not in fixed[4]["config"]
+    assert config["config"]["layers"][4]["config"]["groups"] == 1  # the input is not modified
 
 
 def test_keras2_nested_base_keeps_the_base_as_one_layer() -> None:

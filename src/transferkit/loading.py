@@ -8,8 +8,6 @@ are loaded with `compile=False` and transferkit compiles them itself.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -21,6 +19,7 @@ import keras
 
 from transferkit.errors import ConfigError, ModelLoadError
 from transferkit.graph import fresh_inputs, graph_inputs, replay
+from transferkit.keras2 import is_keras2_failure, keras2_nested_config, load_keras2_h5
 
 __all__ = [
     "copy_model",
@@ -78,118 +77,14 @@ def load_model(
                     p, compile=False, custom_objects=objects, safe_mode=safe_mode
                 )
             except ValueError as exc:
-                if suffix == ".keras" or not _is_keras2_nested_failure(exc):
+                if suffix == ".keras" or not is_keras2_failure(exc):
                     raise
-                model = _load_keras2_nested_h5(p, custom_objects=objects, safe_mode=safe_mode)
+                model = load_keras2_h5(p, custom_objects=objects, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many unrelated types for a bad file.
         hint = _load_hint(exc)
         raise ModelLoadError(f"could not load model from {str(p)!r}: {exc}{hint}") from exc
     if not isinstance(model, keras.Model):
         raise ModelLoadError(f"{str(p)!r} does not contain a Keras model (got {type(model)}).")
-    return model
-
-
-def _is_keras2_nested_failure(exc: BaseException) -> bool:
-    return "failed to be resolved" in str(exc)
-
-
-def _nested_model_names(layer_configs: list[Any]) -> set[str]:
-    return {
-        str(layer.get("name") or layer.get("config", {}).get("name"))
-        for layer in layer_configs
-        if isinstance(layer, dict) and layer.get("class_name") in _MODEL_CLASSES
-    }
-
-
-_MODEL_CLASSES = ("Functional", "Model", "Sequential")
-
-
-def _shift_refs(node: Any, nested: set[str]) -> Any:
-    # A reference is `[layer_name, node_index, tensor_index, ...]`, in the old list format or
-    # under "keras_history" in the new one; anything else is walked through unchanged.
-    if isinstance(node, list):
-        if (
-            len(node) >= 3
-            and isinstance(node[0], str)
-            and node[0] in nested
-            and isinstance(node[1], int)
-            and not isinstance(node[1], bool)
-            and node[1] >= 1
-        ):
-            return [node[0], node[1] - 1, *node[2:]]
-        return [_shift_refs(item, nested) for item in node]
-    if isinstance(node, dict):
-        return {key: _shift_refs(value, nested) for key, value in node.items()}
-    return node
-
-
-def keras2_nested_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A Keras 2 model config whose references to nested models Keras 3 can resolve.
-
-    Keras 2 gives a nested Functional/Sequential model a node of its own when it is built, so the
-    outer graph refers to its first call as `node_index` 1; Keras 3 counts that call as 0 and
-    fails with "nodes failed to be resolved". Every reference to a nested model layer (in
-    `inbound_nodes`, `input_layers` and `output_layers`, at every nesting depth) is shifted down
-    by one. The input is not modified.
-
-    Args:
-        config: a `{"class_name": ..., "config": {...}}` model config from a Keras 2 `.h5`.
-
-    Returns:
-        The corrected deep copy.
-    """
-    fixed = copy.deepcopy(config)
-    _fix_level(fixed)
-    return fixed
-
-
-def _fix_level(model_config: dict[str, Any]) -> None:
-    inner = model_config.get("config")
-    if not isinstance(inner, dict):
-        return
-    layers = inner.get("layers")
-    if not isinstance(layers, list):
-        return
-    nested = _nested_model_names(layers)
-    for layer in layers:
-        if not isinstance(layer, dict):
-            continue
-        if layer.get("class_name") in _MODEL_CLASSES:
-            _fix_level(layer)
-        if nested and "inbound_nodes" in layer:
-            layer["inbound_nodes"] = _shift_refs(layer["inbound_nodes"], nested)
-    for key in ("input_layers", "output_layers"):
-        if nested and key in inner:
-            inner[key] = _shift_refs(inner[key], nested)
-
-
-def _load_keras2_nested_h5(
-    path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
-) -> keras.Model:
-    """Loads a Keras 2 `.h5` with nested models, which `keras.models.load_model` cannot.
-
-    Repeats what Keras' own legacy loader does (same scopes), on a corrected config
-    (`keras2_nested_config`). Private Keras APIs, checked against Keras 3.15.1.
-    """
-    import h5py  # type: ignore[import-untyped]
-    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
-    from keras.src.saving import serialization_lib
-
-    with h5py.File(path, mode="r") as f:
-        raw = f.attrs.get("model_config")
-        if raw is None:
-            raise ValueError(f"no model config found in {str(path)!r}")
-        if hasattr(raw, "decode"):
-            raw = raw.decode("utf-8")
-        config = keras2_nested_config(json.loads(raw))
-        with (
-            saving_options.keras_option_scope(use_legacy_config=True),
-            serialization_lib.SafeModeScope(safe_mode),
-        ):
-            model = saving_utils.model_from_config(config, custom_objects=dict(custom_objects))
-            legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"{str(path)!r} does not contain a Keras model")
     return model
 
 
@@ -213,7 +108,7 @@ def _check_signature(p: Path, suffix: str) -> None:
 
 def _load_hint(exc: BaseException) -> str:
     text = str(exc)
-    if "Lambda" in text or "safe_mode" in text:
+    if "`Lambda`" in text or "safe_mode" in text:
         return " Hint: the file has a Lambda layer; pass safe_mode=False if you trust it."
     if "Unknown layer" in text or "Could not locate" in text or "custom_objects" in text:
         return " Hint: pass the custom classes with custom_objects={'Name': Class}."

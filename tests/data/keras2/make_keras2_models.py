@@ -146,6 +146,53 @@ def seq_no_compile():
     _save(m, "seq_no_compile", None, None, _f32(4, 5))
 
 
+def tutorial_mobilenet():
+    """The tensorflow.org transfer-learning tutorial's shape, tiny: augmentation layers,
+    `preprocess_input` (saved as TFOpLambda truediv/subtract), a MobileNet-style nested base
+    (DepthwiseConv2D saved with groups=1, ReLU(6.)), GAP, Dropout, a TFOpLambda `x * 2 + 1`."""
+    base = keras.Sequential(
+        [
+            layers.Conv2D(8, 3, input_shape=(16, 16, 3)),
+            layers.BatchNormalization(),
+            layers.ReLU(6.0),
+            layers.DepthwiseConv2D(3, padding="same"),
+            layers.ZeroPadding2D(1),
+            layers.Conv2D(8, 1),
+        ],
+        name="base",
+    )
+    inputs = keras.Input((16, 16, 3))
+    x = layers.RandomFlip("horizontal")(inputs)
+    x = layers.RandomRotation(0.2)(x)
+    x = tf.keras.applications.mobilenet_v2.preprocess_input(x)
+    x = base(x, training=False)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.2)(x)
+    x = x * 2.0 + 1.0
+    outputs = layers.Dense(3, activation="softmax")(x)
+    m = keras.Model(inputs, outputs)
+    m.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    x_train = (RNG.random((12, 16, 16, 3)) * 255).astype("float32")
+    _save(m, "tutorial_mobilenet", x_train, RNG.integers(0, 3, 12), x_train[:4])
+
+
+def tf_ops():
+    """TensorFlow ops on Keras tensors: a + b (a tensor keyword argument), tf.concat, slicing
+    with steps and `...`, tf.nn.relu, tf.reshape, tf.expand_dims."""
+    inp = keras.Input((6, 4))
+    a = layers.Dense(4)(inp)
+    b = a + inp
+    c = tf.concat([a, b], axis=-1)
+    d = c[:, 1:, ::2]
+    e = tf.nn.relu(d)
+    f = tf.reshape(e, (-1, 5 * 4))
+    g = tf.expand_dims(f, -1)[..., 0]
+    out = layers.Dense(3, activation="softmax")(g)
+    m = keras.Model(inp, out)
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    _save(m, "tf_ops", _f32(12, 6, 4), RNG.integers(0, 3, 12), _f32(4, 6, 4))
+
+
 if __name__ == "__main__":
     print("tensorflow", tf.__version__, "keras", KERAS_VERSION)
     seq_cnn()
@@ -154,3 +201,5 @@ if __name__ == "__main__":
     nested_base()
     seq_lambda()
     seq_no_compile()
+    tutorial_mobilenet()
+    tf_ops()

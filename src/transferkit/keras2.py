@@ -1,0 +1,328 @@
+"""Loading Keras 2 `.h5` files that Keras 3 rejects.
+
+Two things in real Keras 2 files stop `keras.models.load_model` (checked on Keras 3.15.1):
+
+- A nested Functional/Sequential model (a base model used as a layer) is referred to with a
+  `node_index` one higher than Keras 3 counts: "nodes failed to be resolved".
+- Keras 2 layer arguments Keras 3 rejects (`groups=1` on `DepthwiseConv2D`, in every Keras 2
+  MobileNet): "Unrecognized keyword arguments passed to DepthwiseConv2D".
+- TensorFlow operations called on Keras tensors (`tf.math.truediv` in `preprocess_input`,
+  `x * 2.0`, `a + b`, `tf.concat`, `x[:, 1:]`) were saved as `TFOpLambda` and `SlicingOpLambda`
+  layers, which Keras 3 no longer has: "Unknown layer: 'TFOpLambda'".
+
+`load_keras2_h5` rebuilds such a file from a corrected config with Keras 3 versions of those two
+layers, then loads the weights, using the same private scopes as Keras' own legacy loader.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import keras
+
+__all__ = [
+    "SlicingOpLambda",
+    "TFOpLambda",
+    "is_keras2_failure",
+    "keras2_config",
+    "keras2_nested_config",
+    "load_keras2_h5",
+]
+
+_MODEL_CLASSES = ("Functional", "Model", "Sequential")
+_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
+# The call keyword that names which keyword arguments arrive as extra input tensors.
+_TENSOR_KWARGS = "transferkit_tensor_kwargs"
+
+
+def is_keras2_failure(exc: BaseException) -> bool:
+    """Whether `keras.models.load_model` failed on one of the Keras 2 quirks handled here."""
+    text = str(exc)
+    return (
+        "failed to be resolved" in text
+        or any(f"Unknown layer: '{name}'" in text for name in _OP_CLASSES)
+        or any(
+            f"Unrecognized keyword arguments passed to {cls}" in text for cls in _OBSOLETE_ARGUMENTS
+        )
+    )
+
+
+# ------------------------------------------------------------------- TensorFlow op layers
+
+
+def _resolve_function(name: str) -> Any:
+    import tensorflow as tf
+
+    target: Any = tf
+    for part in name.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ValueError(
+                f"TFOpLambda calls tf.{name}, which this TensorFlow does not have; pass a "
+                "replacement with custom_objects={'TFOpLambda': ...}."
+            )
+    if not callable(target):
+        raise ValueError(f"TFOpLambda refers to tf.{name}, which is not callable.")
+    return target
+
+
+def _decode(value: Any) -> Any:
+    # Keras 2 wrote slices as {"start", "stop", "step"} dicts and `...` as a tagged dict.
+    if isinstance(value, dict):
+        if value.get("class_name") == "__ellipsis__":
+            return Ellipsis
+        if set(value) == {"start", "stop", "step"}:
+            return slice(value["start"], value["stop"], value["step"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class TFOpLambda(keras.layers.Layer):  # type: ignore[misc]
+    """Keras 3 stand-in for Keras 2's `TFOpLambda`: calls `tf.<function>` on its inputs.
+
+    Args:
+        function: the dotted name under `tf` (`"math.truediv"`, `"__operators__.add"`).
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+    """
+
+    def __init__(self, function: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.function = str(function)
+        self._fn = _resolve_function(self.function)
+
+    def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("name", None)
+        tensor_kwargs = kwargs.pop(_TENSOR_KWARGS, None)
+        if tensor_kwargs:
+            first, *rest = inputs
+            kwargs.update(zip(tensor_kwargs, rest, strict=True))
+            inputs = first
+        return self._fn(inputs, *args, **_decode(kwargs))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config["function"] = self.function
+        return config
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class SlicingOpLambda(TFOpLambda):
+    """Keras 3 stand-in for Keras 2's `SlicingOpLambda` (`x[...]` on a Keras tensor).
+
+    Args:
+        function: `"__operators__.getitem"`.
+        slice_spec_json: the Keras 2 slice specification, as JSON (kept out of the call's
+            arguments, which Keras 3 cannot serialize when they hold slices).
+        **kwargs: base layer arguments.
+    """
+
+    def __init__(self, function: str, slice_spec_json: str | None = None, **kwargs: Any) -> None:
+        super().__init__(function, **kwargs)
+        self.slice_spec_json = slice_spec_json
+
+    def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("name", None)
+        raw = kwargs.pop("slice_spec", None)
+        if self.slice_spec_json is not None:
+            raw = json.loads(self.slice_spec_json)
+        spec = _decode(raw)
+        if isinstance(spec, list):
+            spec = tuple(spec)
+        return inputs[spec]
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["slice_spec_json"] = self.slice_spec_json
+        return config
+
+
+# ---------------------------------------------------------------------- config rewrites
+
+
+def _nested_model_names(layer_configs: list[Any]) -> set[str]:
+    return {
+        str(layer.get("name") or layer.get("config", {}).get("name"))
+        for layer in layer_configs
+        if isinstance(layer, dict) and layer.get("class_name") in _MODEL_CLASSES
+    }
+
+
+def _shift_refs(node: Any, nested: set[str]) -> Any:
+    # A reference is `[layer_name, node_index, tensor_index, ...]`, in the old list format or
+    # under "keras_history" in the new one; anything else is walked through unchanged.
+    if isinstance(node, list):
+        if (
+            len(node) >= 3
+            and isinstance(node[0], str)
+            and node[0] in nested
+            and isinstance(node[1], int)
+            and not isinstance(node[1], bool)
+            and node[1] >= 1
+        ):
+            return [node[0], node[1] - 1, *node[2:]]
+        return [_shift_refs(item, nested) for item in node]
+    if isinstance(node, dict):
+        return {key: _shift_refs(value, nested) for key, value in node.items()}
+    return node
+
+
+def _is_ref(value: Any, names: set[str]) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and isinstance(value[0], str)
+        and value[0] in names
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])
+    )
+
+
+def _op_nodes(inbound_nodes: Any, names: set[str]) -> Any:
+    """Op-layer nodes in the form Keras 3's legacy loader reads.
+
+    Keras 2 wrote a one-input op call as the bare entry `[name, node, tensor, kwargs]` rather
+    than a list of entries, and a tensor keyword argument (`a + b` saved as `add(a, y=b)`) as a
+    reference list inside the kwargs, which Keras 3 would pass through verbatim. Each node
+    becomes a list of entries, and such tensors become extra inputs named in the kwargs.
+    """
+    if not isinstance(inbound_nodes, list):
+        return inbound_nodes
+    fixed = []
+    for node in inbound_nodes:
+        entries = [node] if isinstance(node, list) and node and isinstance(node[0], str) else node
+        entry = entries[0] if isinstance(entries, list) and len(entries) == 1 else None
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 4
+            or not isinstance(entry[3], dict)
+            or not any(_is_ref(v, names) for v in entry[3].values())
+        ):
+            fixed.append(entries)
+            continue
+        kwargs = {k: v for k, v in entry[3].items() if not _is_ref(v, names)}
+        refs = [v for v in entry[3].values() if _is_ref(v, names)]
+        kwargs[_TENSOR_KWARGS] = [k for k, v in entry[3].items() if _is_ref(v, names)]
+        fixed.append([[*entry[:3], kwargs], *[[*ref, kwargs] for ref in refs]])
+    return fixed
+
+
+def _slice_spec_into_config(layer: dict[str, Any]) -> None:
+    # One call per layer (Keras 2 made a layer per `x[...]`): its slice moves into the config.
+    nodes = layer.get("inbound_nodes")
+    config = layer.get("config")
+    if not (isinstance(nodes, list) and len(nodes) == 1 and isinstance(config, dict)):
+        return
+    for entry in nodes[0]:
+        if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[3], dict):
+            spec = entry[3].pop("slice_spec", None)
+            if spec is not None:
+                config["slice_spec_json"] = json.dumps(spec)
+
+
+# Keras 2 arguments that Keras 3 layers no longer accept, dropped when they hold the value that
+# meant "no change" in Keras 2.
+_OBSOLETE_ARGUMENTS = {"DepthwiseConv2D": {"groups": 1}}
+
+
+def _drop_obsolete(layer: dict[str, Any]) -> None:
+    obsolete = _OBSOLETE_ARGUMENTS.get(str(layer.get("class_name")), {})
+    config = layer.get("config")
+    if not isinstance(config, dict):
+        return
+    for key, neutral in obsolete.items():
+        if config.get(key, neutral) == neutral:
+            config.pop(key, None)
+
+
+def _fix_level(model_config: dict[str, Any], *, shift_nested: bool) -> None:
+    inner = model_config.get("config")
+    if not isinstance(inner, dict):
+        return
+    layers = inner.get("layers")
+    if not isinstance(layers, list):
+        return
+    nested = _nested_model_names(layers) if shift_nested else set()
+    names = {str(layer.get("name")) for layer in layers if isinstance(layer, dict)}
+    for layer in layers:
+        if not isinstance(layer, dict):
+            continue
+        if layer.get("class_name") in _MODEL_CLASSES:
+            _fix_level(layer, shift_nested=shift_nested)
+        _drop_obsolete(layer)
+        if "inbound_nodes" not in layer:
+            continue
+        if nested:
+            layer["inbound_nodes"] = _shift_refs(layer["inbound_nodes"], nested)
+        if layer.get("class_name") in _OP_CLASSES:
+            layer["inbound_nodes"] = _op_nodes(layer["inbound_nodes"], names)
+        if layer.get("class_name") == "SlicingOpLambda":
+            _slice_spec_into_config(layer)
+    for key in ("input_layers", "output_layers"):
+        if nested and key in inner:
+            inner[key] = _shift_refs(inner[key], nested)
+
+
+def keras2_config(config: dict[str, Any], *, shift_nested: bool = True) -> dict[str, Any]:
+    """A Keras 2 model config that Keras 3 can build (with `TFOpLambda` registered).
+
+    Every reference to a nested model layer is shifted down by one node (when `shift_nested`),
+    at every nesting depth; op-layer nodes take the form Keras 3 reads (tensor keyword
+    arguments become inputs); obsolete Keras 2 arguments are dropped. The input is not modified.
+
+    Args:
+        config: a `{"class_name": ..., "config": {...}}` model config from a Keras 2 `.h5`.
+        shift_nested: correct the references to nested models.
+
+    Returns:
+        The corrected deep copy.
+    """
+    fixed = copy.deepcopy(config)
+    _fix_level(fixed, shift_nested=shift_nested)
+    return fixed
+
+
+def keras2_nested_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`keras2_config` for a file whose only quirk is nested models (kept for callers)."""
+    return keras2_config(config)
+
+
+def load_keras2_h5(
+    path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
+) -> keras.Model:
+    """Loads a Keras 2 `.h5` that `keras.models.load_model` cannot (see the module docstring).
+
+    Repeats what Keras' own legacy loader does (same scopes), on a corrected config. Private
+    Keras APIs, checked against Keras 3.15.1.
+    """
+    import h5py  # type: ignore[import-untyped]
+    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    from keras.src.saving import serialization_lib
+
+    objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
+    objects.update(custom_objects)
+    with h5py.File(path, mode="r") as f:
+        raw = f.attrs.get("model_config")
+        if raw is None:
+            raise ValueError(f"no model config found in {str(path)!r}")
+        if hasattr(raw, "decode"):
+            raw = raw.decode("utf-8")
+        # Files from Keras 3 never hold op layers and count nested nodes the Keras 3 way.
+        version = f.attrs.get("keras_version", b"")
+        version = version.decode() if hasattr(version, "decode") else str(version)
+        config = keras2_config(json.loads(raw), shift_nested=not version.startswith("3"))
+        with (
+            keras.saving.custom_object_scope(objects),
+            saving_options.keras_option_scope(use_legacy_config=True),
+            serialization_lib.SafeModeScope(safe_mode),
+        ):
+            model = saving_utils.model_from_config(config, custom_objects=objects)
+            legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{str(path)!r} does not contain a Keras model")
+    return model
