@@ -76,7 +76,7 @@ def load_model(
                 model = keras.models.load_model(
                     p, compile=False, custom_objects=objects, safe_mode=safe_mode
                 )
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # Keras raises either for a bad config.
                 if suffix == ".keras" or not is_keras2_failure(exc):
                     raise
                 model = load_keras2_h5(p, custom_objects=objects, safe_mode=safe_mode)
