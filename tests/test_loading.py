@@ -24,6 +24,7 @@ def test_all_keras2_fixtures_are_listed() -> None:
         "func_resnet",
         "nested_base",
         "seq_cnn",
+        "seq_depthwise",
         "seq_lambda",
         "seq_mlp_mse",
         "seq_no_compile",

@@ -193,6 +193,20 @@ def tf_ops():
     _save(m, "tf_ops", _f32(12, 6, 4), RNG.integers(0, 3, 12), _f32(4, 6, 4))
 
 
+def seq_depthwise():
+    """A top-level DepthwiseConv2D (saved with groups=1): Keras 3 raises TypeError on it."""
+    m = keras.Sequential(
+        [
+            layers.Conv2D(4, 3, input_shape=(8, 8, 3)),
+            layers.DepthwiseConv2D(3, depth_multiplier=2),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(3, activation="softmax"),
+        ]
+    )
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    _save(m, "seq_depthwise", _f32(12, 8, 8, 3), RNG.integers(0, 3, 12), _f32(4, 8, 8, 3))
+
+
 if __name__ == "__main__":
     print("tensorflow", tf.__version__, "keras", KERAS_VERSION)
     seq_cnn()
@@ -203,3 +217,4 @@ if __name__ == "__main__":
     seq_no_compile()
     tutorial_mobilenet()
     tf_ops()
+    seq_depthwise()
