@@ -57,6 +57,28 @@ def test_keras2_h5_loads_predicts_the_same_and_fine_tunes(stem: str) -> None:
     assert any(changed)
 
 
+@pytest.mark.parametrize("stem", sorted(p.stem for p in KERAS2.glob("*.keras")))
+def test_keras2_keras_archives_load_and_predict_the_same(stem: str) -> None:
+    # Keras 2.13-2.15 `.keras` archives name `keras.src.engine.functional`: plain Keras 3 fails.
+    with pytest.raises((TypeError, ValueError)):
+        keras.models.load_model(KERAS2 / f"{stem}.keras", compile=False)
+    io = np.load(KERAS2 / f"{stem}_io.npz")
+    tuner = FineTuner(KERAS2 / f"{stem}.keras")
+    np.testing.assert_allclose(tuner.model.predict(io["x"], verbose=0), io["y"], atol=1e-5)
+    result = tuner.compile_sgd(lr=1e-2).fit(
+        io["x"], _targets(tuner.model, len(io["x"])), epochs=1, verbose=0
+    )
+    assert np.isfinite(result.history["loss"]).all()
+
+
+def test_keras2_keras_archive_list() -> None:
+    assert sorted(p.stem for p in KERAS2.glob("*.keras")) == [
+        "nested_base",
+        "seq_cnn",
+        "tutorial_mobilenet",
+    ]
+
+
 def test_keras2_tf_op_layers_load_and_survive_a_save() -> None:
     # TFOpLambda / SlicingOpLambda are gone from Keras 3; transferkit's stand-ins replace them.
     tuner = FineTuner(KERAS2 / "tutorial_mobilenet.h5")

@@ -10,6 +10,9 @@ Two things in real Keras 2 files stop `keras.models.load_model` (checked on Kera
   `x * 2.0`, `a + b`, `tf.concat`, `x[:, 1:]`) were saved as `TFOpLambda` and `SlicingOpLambda`
   layers, which Keras 3 no longer has: "Unknown layer: 'TFOpLambda'".
 
+Keras 2.13-2.15 also wrote `.keras` archives, which Keras 3 cannot read at all (their config
+names `keras.src.engine.functional`). `load_keras2_keras` reads them the same way.
+
 `load_keras2_h5` rebuilds such a file from a corrected config with Keras 3 versions of those two
 layers, then loads the weights, using the same private scopes as Keras' own legacy loader.
 """
@@ -31,6 +34,8 @@ __all__ = [
     "keras2_config",
     "keras2_nested_config",
     "load_keras2_h5",
+    "load_keras2_keras",
+    "written_by_keras2",
 ]
 
 _MODEL_CLASSES = ("Functional", "Model", "Sequential")
@@ -325,4 +330,65 @@ def load_keras2_h5(
             legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
     if not isinstance(model, keras.Model):
         raise ValueError(f"{str(path)!r} does not contain a Keras model")
+    return model
+
+
+def written_by_keras2(path: Path) -> bool:
+    """Whether a `.keras` archive was written by Keras 2 (its `metadata.json` says so)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            meta = json.loads(archive.read("metadata.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return str(meta.get("keras_version", "")).startswith("2.")
+
+
+def _legacy_form(obj: Any) -> Any:
+    # Keras 2's `.keras` config is its `.h5` config plus serialization metadata that Keras 3
+    # would resolve against modules that no longer exist.
+    if isinstance(obj, dict):
+        return {
+            k: _legacy_form(v)
+            for k, v in obj.items()
+            if k not in ("module", "registered_name", "build_config", "compile_config")
+        }
+    if isinstance(obj, list):
+        return [_legacy_form(v) for v in obj]
+    return obj
+
+
+def load_keras2_keras(
+    path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
+) -> keras.Model:
+    """Loads a `.keras` archive written by Keras 2.13-2.15.
+
+    The config is read as a Keras 2 `.h5` config (corrected as in `keras2_config`); the weights
+    file inside the archive has the layout Keras 3's `load_weights` reads. Private Keras APIs,
+    checked against Keras 3.15.1.
+    """
+    import tempfile
+    import zipfile
+
+    from keras.src.legacy.saving import saving_options, saving_utils
+    from keras.src.saving import serialization_lib
+
+    objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
+    objects.update(custom_objects)
+    with zipfile.ZipFile(path) as archive:
+        config = keras2_config(_legacy_form(json.loads(archive.read("config.json"))))
+        weights = archive.read("model.weights.h5")
+    with (
+        keras.saving.custom_object_scope(objects),
+        saving_options.keras_option_scope(use_legacy_config=True),
+        serialization_lib.SafeModeScope(safe_mode),
+    ):
+        model = saving_utils.model_from_config(config, custom_objects=objects)
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{str(path)!r} does not contain a Keras model")
+    with tempfile.TemporaryDirectory(prefix="transferkit-keras2-") as tmp:
+        weights_path = Path(tmp) / "model.weights.h5"
+        weights_path.write_bytes(weights)
+        model.load_weights(weights_path)
     return model

@@ -19,7 +19,13 @@ import keras
 
 from transferkit.errors import ConfigError, ModelLoadError
 from transferkit.graph import fresh_inputs, graph_inputs, replay
-from transferkit.keras2 import is_keras2_failure, keras2_nested_config, load_keras2_h5
+from transferkit.keras2 import (
+    is_keras2_failure,
+    keras2_nested_config,
+    load_keras2_h5,
+    load_keras2_keras,
+    written_by_keras2,
+)
 
 __all__ = [
     "copy_model",
@@ -77,9 +83,14 @@ def load_model(
                     p, compile=False, custom_objects=objects, safe_mode=safe_mode
                 )
             except (ValueError, TypeError) as exc:  # Keras raises either for a bad config.
-                if suffix == ".keras" or not is_keras2_failure(exc):
+                if suffix == ".keras":
+                    if not written_by_keras2(p):
+                        raise
+                    model = load_keras2_keras(p, custom_objects=objects, safe_mode=safe_mode)
+                elif is_keras2_failure(exc):
+                    model = load_keras2_h5(p, custom_objects=objects, safe_mode=safe_mode)
+                else:
                     raise
-                model = load_keras2_h5(p, custom_objects=objects, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many unrelated types for a bad file.
         hint = _load_hint(exc)
         raise ModelLoadError(f"could not load model from {str(p)!r}: {exc}{hint}") from exc

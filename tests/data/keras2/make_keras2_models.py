@@ -34,6 +34,7 @@ assert KERAS_VERSION.startswith("2."), (
 OUT = os.path.dirname(os.path.abspath(__file__))
 keras.utils.set_random_seed(0)
 RNG = np.random.default_rng(0)
+KERAS_FORMAT_TOO = ("seq_cnn", "nested_base", "tutorial_mobilenet")
 
 
 def _save(model, name, x_train, y_train, x_io):
@@ -44,6 +45,11 @@ def _save(model, name, x_train, y_train, x_io):
     y = model.predict(x_io, verbose=0)
     np.savez(os.path.join(OUT, name + "_io.npz"), x=x_io, y=y)
     print(f"{name}.h5: {os.path.getsize(path)} bytes")
+    if name in KERAS_FORMAT_TOO:
+        # Keras 2.13+ also wrote the `.keras` archive format, which Keras 3 cannot read as is.
+        keras_path = os.path.join(OUT, name + ".keras")
+        model.save(keras_path)
+        print(f"{name}.keras: {os.path.getsize(keras_path)} bytes")
 
 
 def _f32(*shape):
