@@ -297,20 +297,35 @@ def keras2_nested_config(config: dict[str, Any]) -> dict[str, Any]:
     return keras2_config(config)
 
 
-def load_keras2_h5(
-    path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
+def _build(
+    config: dict[str, Any], *, custom_objects: Mapping[str, Any], safe_mode: bool
 ) -> keras.Model:
-    """Loads a Keras 2 `.h5` that `keras.models.load_model` cannot (see the module docstring).
-
-    Repeats what Keras' own legacy loader does (same scopes), on a corrected config. Private
-    Keras APIs, checked against Keras 3.15.1.
-    """
-    import h5py  # type: ignore[import-untyped]
-    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    """A model from a corrected Keras 2 config, in the scopes Keras' own legacy loader uses
+    (private Keras APIs, checked against Keras 3.15.1)."""
+    from keras.src.legacy.saving import saving_options, saving_utils
     from keras.src.saving import serialization_lib
 
     objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
     objects.update(custom_objects)
+    with (
+        keras.saving.custom_object_scope(objects),
+        saving_options.keras_option_scope(use_legacy_config=True),
+        serialization_lib.SafeModeScope(safe_mode),
+    ):
+        model = saving_utils.model_from_config(config, custom_objects=objects)
+    if not isinstance(model, keras.Model):
+        raise ValueError("the file does not contain a Keras model")
+    return model
+
+
+def load_keras2_h5(
+    path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
+) -> keras.Model:
+    """Loads a Keras 2 `.h5` that `keras.models.load_model` cannot (see the module docstring):
+    the corrected config, then the weights as Keras' legacy loader reads them."""
+    import h5py  # type: ignore[import-untyped]
+    from keras.src.legacy.saving import legacy_h5_format
+
     with h5py.File(path, mode="r") as f:
         raw = f.attrs.get("model_config")
         if raw is None:
@@ -321,15 +336,8 @@ def load_keras2_h5(
         version = f.attrs.get("keras_version", b"")
         version = version.decode() if hasattr(version, "decode") else str(version)
         config = keras2_config(json.loads(raw), shift_nested=not version.startswith("3"))
-        with (
-            keras.saving.custom_object_scope(objects),
-            saving_options.keras_option_scope(use_legacy_config=True),
-            serialization_lib.SafeModeScope(safe_mode),
-        ):
-            model = saving_utils.model_from_config(config, custom_objects=objects)
-            legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"{str(path)!r} does not contain a Keras model")
+        model = _build(config, custom_objects=custom_objects, safe_mode=safe_mode)
+        legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
     return model
 
 
@@ -362,31 +370,16 @@ def _legacy_form(obj: Any) -> Any:
 def load_keras2_keras(
     path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
 ) -> keras.Model:
-    """Loads a `.keras` archive written by Keras 2.13-2.15.
-
-    The config is read as a Keras 2 `.h5` config (corrected as in `keras2_config`); the weights
-    file inside the archive has the layout Keras 3's `load_weights` reads. Private Keras APIs,
-    checked against Keras 3.15.1.
-    """
+    """Loads a `.keras` archive written by Keras 2.13-2.15: its config read as a Keras 2 `.h5`
+    config (corrected as in `keras2_config`), then its weights file, whose layout Keras 3's
+    `load_weights` reads."""
     import tempfile
     import zipfile
 
-    from keras.src.legacy.saving import saving_options, saving_utils
-    from keras.src.saving import serialization_lib
-
-    objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
-    objects.update(custom_objects)
     with zipfile.ZipFile(path) as archive:
         config = keras2_config(_legacy_form(json.loads(archive.read("config.json"))))
         weights = archive.read("model.weights.h5")
-    with (
-        keras.saving.custom_object_scope(objects),
-        saving_options.keras_option_scope(use_legacy_config=True),
-        serialization_lib.SafeModeScope(safe_mode),
-    ):
-        model = saving_utils.model_from_config(config, custom_objects=objects)
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"{str(path)!r} does not contain a Keras model")
+    model = _build(config, custom_objects=custom_objects, safe_mode=safe_mode)
     with tempfile.TemporaryDirectory(prefix="transferkit-keras2-") as tmp:
         weights_path = Path(tmp) / "model.weights.h5"
         weights_path.write_bytes(weights)
