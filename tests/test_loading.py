@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import tempfile
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,69 +81,104 @@ def test_keras2_keras_archive_list() -> None:
     ]
 
 
-def test_keras2_tf_op_layers_load_and_survive_a_save() -> None:
-    # TFOpLambda / SlicingOpLambda are gone from Keras 3; transferkit's stand-ins replace them.
+def test_keras2_tf_op_layers_load_and_survive_a_save(tmp_path: Path) -> None:
+    # TFOpLambda / SlicingOpLambda are gone from Keras 3. The tutorial's `preprocess_input`
+    # (x / 127.5 - 1) and `x * 2.0 + 1.0` become built-in Rescaling layers, so the fine-tuned
+    # model saves to a file that plain Keras reads in a process that never imported transferkit.
     tuner = FineTuner(KERAS2 / "tutorial_mobilenet.h5")
     classes = {type(layer).__name__ for layer in tuner.model.layers}
-    assert {"TFOpLambda", "RandomFlip", "Sequential"} <= classes
+    assert {"Rescaling", "RandomFlip", "Sequential"} <= classes and "TFOpLambda" not in classes
     # DepthwiseConv2D's Keras 2 `groups=1` was dropped, the weights kept.
     base = tuner.model.get_layer("base")
     assert any(type(layer).__name__ == "DepthwiseConv2D" for layer in base.layers)
+    x = (np.random.default_rng(0).random((4, 16, 16, 3)) * 255).astype("float32")
+    tuned = tuner.replace_head(num_classes=2, hidden=()).compile_sgd(lr=1e-3)
+    fitted = tuned.fit(x, np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    fitted.save(tmp_path / "tutorial.keras")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "want.npy", fitted.predict(x))
+    script = (
+        "import sys, numpy as np, keras\n"
+        "d = sys.argv[1]\n"
+        "m = keras.models.load_model(d + '/tutorial.keras')\n"
+        "got = m.predict(np.load(d + '/x.npy'), verbose=0)\n"
+        "assert 'transferkit' not in sys.modules\n"
+        "np.testing.assert_allclose(got, np.load(d + '/want.npy'), atol=1e-6)\n"
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+    # Ops without a built-in layer keep the stand-ins, which reload once transferkit is imported.
     io = np.load(KERAS2 / "tf_ops_io.npz")
     ops = FineTuner(KERAS2 / "tf_ops.h5")
-    assert "SlicingOpLambda" in {type(layer).__name__ for layer in ops.model.layers}
+    op_classes = {type(layer).__name__ for layer in ops.model.layers}
+    assert {"SlicingOpLambda", "TFOpLambda", "Add", "Concatenate", "ReLU"} <= op_classes
     result = ops.replace_head(num_classes=2, hidden=()).compile_sgd(lr=1e-2)
     fitted = result.fit(io["x"], np.array([0, 1, 0, 1]), epochs=1, verbose=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        for suffix in (".keras", ".h5"):
-            path = Path(tmp) / f"ops{suffix}"
-            fitted.save(path)
-            reloaded = keras.models.load_model(path)
-            np.testing.assert_allclose(
-                reloaded.predict(io["x"], verbose=0), fitted.predict(io["x"]), atol=1e-6
-            )
+    for suffix in (".keras", ".h5"):
+        path = tmp_path / f"ops{suffix}"
+        fitted.save(path)
+        reloaded = keras.models.load_model(path)
+        np.testing.assert_allclose(
+            reloaded.predict(io["x"], verbose=0), fitted.predict(io["x"]), atol=1e-6
+        )
 
 
-def test_keras2_config_turns_tensor_keywords_into_inputs() -> None:
-    add = {
-        "class_name": "TFOpLambda",
-        "name": "tf.__operators__.add",
-        "config": {"name": "tf.__operators__.add", "function": "__operators__.add"},
-        "inbound_nodes": [["dense", 0, 0, {"y": ["input_1", 0, 0], "name": None}]],
-    }
-    scale = {
-        "class_name": "TFOpLambda",
-        "name": "tf.math.multiply",
-        "config": {"name": "tf.math.multiply", "function": "math.multiply"},
-        "inbound_nodes": [["tf.__operators__.add", 0, 0, {"y": 2.0, "name": None}]],
-    }
-    dw = {
-        "class_name": "DepthwiseConv2D",
-        "name": "dw",
-        "config": {"name": "dw", "kernel_size": [3, 3], "groups": 1},
-        "inbound_nodes": [],
-    }
+def test_keras2_config_rewrites_op_layers() -> None:
+    def op(name: str, function: str, node: list[object]) -> dict[str, object]:
+        return {
+            "class_name": "TFOpLambda",
+            "name": name,
+            "config": {"name": name, "function": function, "dtype": "float32"},
+            "inbound_nodes": [node],
+        }
+
+    layers = [
+        {"class_name": "InputLayer", "name": "input_1", "config": {}, "inbound_nodes": []},
+        {"class_name": "Dense", "name": "dense", "config": {}, "inbound_nodes": []},
+        # Keras 2 wrote one-input op calls as a bare entry, tensors in keywords as references.
+        op("max", "math.maximum", ["dense", 0, 0, {"y": ["input_1", 0, 0], "name": None}]),
+        op("add", "__operators__.add", ["dense", 0, 0, {"y": ["input_1", 0, 0], "name": None}]),
+        op("div", "math.truediv", ["add", 0, 0, {"y": 127.5, "name": None}]),
+        op("sub", "math.subtract", ["div", 0, 0, {"y": 1.0, "name": None}]),
+        op("erf", "math.erf", ["sub", 0, 0, {"name": None}]),
+        {
+            "class_name": "DepthwiseConv2D",
+            "name": "dw",
+            "config": {"name": "dw", "kernel_size": [3, 3], "groups": 1},
+            "inbound_nodes": [],
+        },
+    ]
     config = {
         "class_name": "Functional",
         "config": {
-            "layers": [
-                {"class_name": "InputLayer", "name": "input_1", "config": {}, "inbound_nodes": []},
-                {"class_name": "Dense", "name": "dense", "config": {}, "inbound_nodes": []},
-                add,
-                scale,
-                dw,
-            ],
+            "layers": layers,
             "input_layers": [["input_1", 0, 0]],
-            "output_layers": [["tf.math.multiply", 0, 0]],
+            "output_layers": [["erf", 0, 0]],
         },
     }
-    fixed = keras2_config(config)["config"]["layers"]
+    fixed = {layer["name"]: layer for layer in keras2_config(config)["config"]["layers"]}
+    # No built-in layer computes tf.math.maximum: the stand-in takes the tensor as an input.
     kwargs = {"name": None, "transferkit_tensor_kwargs": ["y"]}
-    assert fixed[2]["inbound_nodes"] == [[["dense", 0, 0, kwargs], ["input_1", 0, 0, kwargs]]]
-    # A constant keyword stays; the bare one-input entry becomes a list of entries.
-    assert fixed[3]["inbound_nodes"] == [[["tf.__operators__.add", 0, 0, {"y": 2.0, "name": None}]]]
-    assert "groups" not in fixed[4]["config"]
-    assert config["config"]["layers"][4]["config"]["groups"] == 1  # the input is not modified
+    assert fixed["max"]["class_name"] == "TFOpLambda"
+    assert fixed["max"]["inbound_nodes"] == [[["dense", 0, 0, kwargs], ["input_1", 0, 0, kwargs]]]
+    # Built-in equivalents: a merge layer, and Rescaling for arithmetic with a constant.
+    assert fixed["add"]["class_name"] == "Add"
+    assert fixed["add"]["inbound_nodes"] == [[["dense", 0, 0, {}], ["input_1", 0, 0, {}]]]
+    assert fixed["div"]["class_name"] == "Rescaling"
+    assert fixed["div"]["config"] == {
+        "name": "div",
+        "dtype": "float32",
+        "scale": pytest.approx(1 / 127.5),
+        "offset": 0.0,
+    }
+    assert fixed["sub"]["config"]["scale"] == 1.0 and fixed["sub"]["config"]["offset"] == -1.0
+    assert fixed["erf"]["inbound_nodes"] == [[["sub", 0, 0, {"name": None}]]]
+    assert "groups" not in fixed["dw"]["config"]
+    assert layers[-1]["config"]["groups"] == 1  # the input is not modified
 
 
 def test_keras2_nested_base_keeps_the_base_as_one_layer() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,76 @@ def _slice_spec_into_config(layer: dict[str, Any]) -> None:
                 config["slice_spec_json"] = json.dumps(spec)
 
 
+# Ops with a constant `y`, as `Rescaling(scale, offset)`: x * scale + offset.
+_AFFINE: dict[str, Callable[[float], tuple[float, float]]] = {
+    "math.truediv": lambda y: (1.0 / y, 0.0),
+    "__operators__.truediv": lambda y: (1.0 / y, 0.0),
+    "math.multiply": lambda y: (y, 0.0),
+    "__operators__.mul": lambda y: (y, 0.0),
+    "math.add": lambda y: (1.0, y),
+    "__operators__.add": lambda y: (1.0, y),
+    "math.subtract": lambda y: (1.0, -y),
+    "__operators__.sub": lambda y: (1.0, -y),
+}
+# Ops of two tensors, as the Keras merge layer that computes the same.
+_MERGE = {
+    "math.add": "Add",
+    "__operators__.add": "Add",
+    "math.multiply": "Multiply",
+    "__operators__.mul": "Multiply",
+    "math.subtract": "Subtract",
+    "__operators__.sub": "Subtract",
+}
+
+
+def _as_native_layer(layer: dict[str, Any]) -> None:
+    """Rewrites a `TFOpLambda` whose op a built-in Keras 3 layer computes into that layer.
+
+    A model made only of built-in layers saves to a file that plain `keras.models.load_model`
+    reads in any process; the stand-in classes need `transferkit.keras2` imported. Covered:
+    arithmetic with a constant (`preprocess_input`'s `x / 127.5 - 1`, `x * 2.0`) as
+    `Rescaling`, the same ops on two tensors as `Add` / `Multiply` / `Subtract`, `tf.concat` as
+    `Concatenate` and `tf.nn.relu` as `ReLU`. Anything else keeps the stand-in.
+    """
+    if layer.get("class_name") != "TFOpLambda":
+        return
+    config = layer.get("config")
+    nodes = layer.get("inbound_nodes")
+    if not (isinstance(config, dict) and isinstance(nodes, list) and len(nodes) == 1):
+        return
+    entries = nodes[0]
+    if not (isinstance(entries, list) and entries and all(len(e) == 4 for e in entries)):
+        return
+    function = str(config.get("function"))
+    kwargs = dict(entries[0][3])
+    kwargs.pop("name", None)
+    tensor_kwargs = kwargs.pop(_TENSOR_KWARGS, None)
+    base = {k: config[k] for k in ("name", "trainable", "dtype") if k in config}
+    native: tuple[str, dict[str, Any]] | None = None
+    y = kwargs.pop("y", None)
+    if (
+        function in _AFFINE
+        and len(entries) == 1
+        and not kwargs
+        and isinstance(y, (int, float))
+        and not isinstance(y, bool)
+        and y != 0
+    ):
+        scale, offset = _AFFINE[function](float(y))
+        native = ("Rescaling", {"scale": scale, "offset": offset})
+    elif function in _MERGE and tensor_kwargs == ["y"] and len(entries) == 2 and not kwargs:
+        native = (_MERGE[function], {})
+    elif function == "concat" and tensor_kwargs is None and y is None and set(kwargs) <= {"axis"}:
+        native = ("Concatenate", {"axis": kwargs.get("axis", -1)})
+    elif function == "nn.relu" and len(entries) == 1 and tensor_kwargs is None and not kwargs:
+        native = ("ReLU", {})
+    if native is None:
+        return
+    layer["class_name"] = native[0]
+    layer["config"] = {**base, **native[1]}
+    layer["inbound_nodes"] = [[[*entry[:3], {}] for entry in entries]]
+
+
 # Keras 2 arguments that Keras 3 layers no longer accept, dropped when they hold the value that
 # meant "no change" in Keras 2.
 _OBSOLETE_ARGUMENTS = {"DepthwiseConv2D": {"groups": 1}}
@@ -266,6 +336,7 @@ def _fix_level(model_config: dict[str, Any], *, shift_nested: bool) -> None:
             layer["inbound_nodes"] = _shift_refs(layer["inbound_nodes"], nested)
         if layer.get("class_name") in _OP_CLASSES:
             layer["inbound_nodes"] = _op_nodes(layer["inbound_nodes"], names)
+            _as_native_layer(layer)
         if layer.get("class_name") == "SlicingOpLambda":
             _slice_spec_into_config(layer)
     for key in ("input_layers", "output_layers"):
