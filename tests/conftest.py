@@ -160,8 +160,7 @@ def residual_model(tmp_path_factory: pytest.TempPathFactory, digits: Digits) -> 
     return Pretrained(model, h5, kp)
 
 
-@pytest.fixture
-def few_shot(digits: Digits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def few_shot_split(digits: Digits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """10 labelled images per new class for training, the rest of the new task for testing."""
     rng = np.random.default_rng(0)
     train_idx = np.concatenate(
@@ -170,6 +169,12 @@ def few_shot(digits: Digits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     mask = np.zeros(len(digits.y_new), bool)
     mask[train_idx] = True
     return digits.x_new[mask], digits.y_new[mask], digits.x_new[~mask], digits.y_new[~mask]
+
+
+@pytest.fixture
+def few_shot(digits: Digits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`few_shot_split` of the session's digits."""
+    return few_shot_split(digits)
 
 
 def weights_of(layer: keras.layers.Layer) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from conftest import Pretrained
+from conftest import Pretrained, few_shot_split
 
 import transferkit
 from transferkit import CheckpointError, FineTuner
@@ -96,13 +96,7 @@ def reference(pretrained: Pretrained, few_shot: Data) -> tuple[list[np.ndarray],
 
 @pytest.fixture(scope="module")
 def few_shot(digits: Any) -> Data:  # module-scoped twin of the conftest fixture
-    rng = np.random.default_rng(0)
-    idx = np.concatenate(
-        [rng.choice(np.flatnonzero(digits.y_new == c), 10, replace=False) for c in range(5)]
-    )
-    mask = np.zeros(len(digits.y_new), bool)
-    mask[idx] = True
-    return digits.x_new[mask], digits.y_new[mask], digits.x_new[~mask], digits.y_new[~mask]
+    return few_shot_split(digits)
 
 
 def test_interrupt_then_resume_matches_uninterrupted(
