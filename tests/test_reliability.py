@@ -128,6 +128,7 @@ def test_interrupt_then_resume_matches_uninterrupted(
     third = tuner3.fit(x, y, checkpoint_dir=ckpt, callbacks=[rec3], **FIT)
     assert rec3.batches == 0
     assert third.epochs == 4 and not third.interrupted
+    assert second.cached and (third.cached, third.cache_layer) == (True, second.cache_layer)
     assert_history(third.history, ref_history)
     assert_same(values(third.model), ref_values)
 

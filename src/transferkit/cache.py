@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import tensorflow as tf
 
 from transferkit.distribution import prepare_model
 from transferkit.errors import ConfigError
-from transferkit.graph import fresh_inputs, replay
+from transferkit.graph import derived_model, fresh_inputs, replay
 from transferkit.training import Executor, ExecutorResult, plain_executor
 
 __all__ = [
@@ -297,7 +298,7 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     try:
         flat_inputs = fresh_inputs(model)
         flat_outputs = replay(model, flat_inputs, inline=True)
-        flat = keras.Model(flat_inputs, flat_outputs, name=f"{model.name}_flat")
+        flat = derived_model(model, flat_inputs, flat_outputs, f"{model.name}_flat")
     except Exception as exc:  # Keras raises several types for graphs it cannot rebuild.
         return f"its graph cannot be replayed layer by layer ({exc})"
     nodes = _nodes_in_order(flat)
@@ -325,7 +326,8 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     if any(d is None for t in frontier for d in tuple(t.shape)[1:]):
         return "the cut tensor has a dynamic shape"
     try:
-        prefix = keras.Model(flat.inputs, frontier, name=f"{model.name}_prefix")
+        # The user's batches (a dict keyed like the model's inputs, too) go to the prefix as is.
+        prefix = derived_model(model, flat.inputs, frontier, f"{model.name}_prefix")
         mapping: dict[int, Any] = {}
         new_inputs = []
         for i, t in enumerate(frontier):
@@ -777,11 +779,17 @@ def cached_executor(
         return plain_executor(model, x, y, fit_kwargs)
     with _spill_dir() as spill:
         history = _fit_cached(model, plan, x, y, kw, callbacks, _Budget(memory), spill)
-        if isinstance(history, str):  # a property only seen while reading a dataset
+        if isinstance(history, str):  # seen only while computing the features
             if mode is True:
                 raise ConfigError(
                     f"cache=True, but this fit cannot use the feature cache: "
                     f"{history}. Use cache='auto' or cache=False."
+                )
+            if history.startswith("computing the features failed"):
+                warnings.warn(
+                    f"the feature cache stepped aside: {history}. Training without it.",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
             return plain_executor(model, x, y, fit_kwargs)
     return ExecutorResult(history=history, cached=True, cache_layer=plan.cut_layer)
@@ -813,6 +821,27 @@ def _fit_cached(
     budget: _Budget,
     spill: _SpillDir,
 ) -> dict[str, list[float]] | str:
+    try:
+        got = _cached_features(plan, x, y, kw, budget, spill)
+    except Exception as exc:
+        # Nothing has trained yet (the prefix only ran forward, frozen), so the fit can still
+        # go the plain way, where Keras reports a genuine data error in its own words.
+        return f"computing the features failed ({type(exc).__name__}: {exc})"
+    if isinstance(got, str):
+        return got
+    feats, val_feats = got
+    return _train_suffix(model, plan, feats, val_feats, kw, callbacks)
+
+
+def _cached_features(
+    plan: CachePlan,
+    x: Any,
+    y: Any,
+    kw: dict[str, Any],
+    budget: _Budget,
+    spill: _SpillDir,
+) -> tuple[_Features, _Features | None] | str:
+    """The prefix's outputs for the training (and validation) data; adjusts `kw` to them."""
     verbose = kw.get("verbose", "auto")
     fn = _prefix_function(plan.prefix)
     n_cuts = len(plan.prefix.outputs)
@@ -849,7 +878,7 @@ def _fit_cached(
             vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(val))
             vbs = int(kw.get("validation_batch_size") or kw["batch_size"])
             val_feats = _array_features(fn, n_cuts, vx, vy, vsw, vbs, budget, spill, verbose)
-    return _train_suffix(model, plan, feats, val_feats, kw, callbacks)
+    return feats, val_feats
 
 
 def _train_suffix(

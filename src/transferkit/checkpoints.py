@@ -191,6 +191,8 @@ class PhaseState:
         optimizer_values: the values of the optimizer's variables.
         finished: the phase ran to its end (or stopped early); nothing is left to run.
         diverged: the phase stopped on a non-finite loss.
+        cached: the finished phase trained on cached features.
+        cache_layer: where the feature cache cut the model, when `cached`.
     """
 
     next_epoch: int
@@ -199,6 +201,8 @@ class PhaseState:
     optimizer_values: list[np.ndarray]
     finished: bool = False
     diverged: bool = False
+    cached: bool = False
+    cache_layer: str | None = None
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -323,6 +327,8 @@ class CheckpointStore:
             optimizer_values=opt_values,
             finished=bool(meta["finished"]),
             diverged=bool(meta["diverged"]),
+            cached=bool(meta.get("cached", False)),
+            cache_layer=meta.get("cache_layer"),
         )
 
     def load_best(self) -> tuple[int, list[np.ndarray]] | None:
@@ -347,6 +353,8 @@ class CheckpointStore:
             "history": state.history,
             "finished": state.finished,
             "diverged": state.diverged,
+            "cached": state.cached,
+            "cache_layer": state.cache_layer,
             "model_count": len(state.model_values),
             "optimizer_count": len(state.optimizer_values),
         }

@@ -14,8 +14,16 @@ import keras
 import numpy as np
 
 from transferkit.errors import ConfigError, DataError
+from transferkit.graph import input_paths
 
-__all__ = ["LabelRule", "check_fit_arguments", "check_fit_data", "is_array_like", "label_rule"]
+__all__ = [
+    "LabelRule",
+    "check_fit_arguments",
+    "check_fit_data",
+    "in_input_order",
+    "is_array_like",
+    "label_rule",
+]
 
 
 def is_array_like(x: object) -> bool:
@@ -66,12 +74,53 @@ def label_rule(loss: Any, model: keras.Model) -> LabelRule:
     return LabelRule("any")
 
 
-def _arrays(x: Any) -> list[np.ndarray]:
-    if isinstance(x, Mapping):
-        return [np.asarray(v) for v in x.values()]
-    if isinstance(x, (list, tuple)):
-        return [np.asarray(v) for v in x]
-    return [np.asarray(x)]
+def in_input_order(model: keras.Model, x: Any, what: str = "data") -> list[Any]:
+    """The leaves of `x` in the order of `model.inputs`, matched the way Keras matches them.
+
+    A dict goes by the keys of a model built on a dict of inputs, else by the input names; a
+    list or tuple goes by position.
+
+    Raises:
+        DataError: a dict lacks one of the model's inputs.
+    """
+    if not isinstance(x, Mapping):
+        return list(x) if isinstance(x, (list, tuple)) else [x]
+    paths = input_paths(model)
+    if paths is not None:
+        keys = ["/".join(str(k) for k in path) for path in paths]
+        leaves = []
+        for path, key in zip(paths, keys, strict=True):
+            node: Any = x
+            for part in path:
+                if not isinstance(node, Mapping) or part not in node:
+                    raise DataError(
+                        f"{what}: the model takes a dict with keys {keys}; {key!r} is missing "
+                        f"(got keys {sorted(map(str, x))})."
+                    )
+                node = node[part]
+            leaves.append(node)
+        return leaves
+    names = [str(t.name) for t in model.inputs]
+    missing = [n for n in names if n not in x]
+    if missing:
+        raise DataError(
+            f"{what}: a dict of inputs is matched to the model's input names {names}; "
+            f"{missing} missing (got keys {sorted(map(str, x))}). Key the dict by those names, "
+            "or pass a list in that order."
+        )
+    return [x[n] for n in names]
+
+
+def _arrays(model: keras.Model, x: Any, what: str) -> list[np.ndarray]:
+    return [np.asarray(v) for v in in_input_order(model, x, what)]
+
+
+def _leaves(y: Any) -> list[np.ndarray]:
+    return (
+        [np.asarray(v) for v in keras.tree.flatten(y)]
+        if not hasattr(y, "shape")
+        else [np.asarray(y)]
+    )
 
 
 def _fmt(shape: Sequence[Any]) -> str:
@@ -117,7 +166,7 @@ def _check_inputs(model: keras.Model, xs: list[np.ndarray], what: str) -> int:
 
 
 def _check_labels(y: Any, n: int, rule: LabelRule, model: keras.Model, what: str) -> None:
-    ys = _arrays(y)
+    ys = _leaves(y)
     for arr in ys:
         if arr.ndim == 0 or arr.shape[0] != n:
             got = arr.shape[0] if arr.ndim else 0
@@ -169,10 +218,13 @@ def _check_dataset_spec(model: keras.Model, ds: Any, what: str) -> None:
         raise DataError(f"{what}: the dataset is empty.")
     spec = ds.element_spec
     x_spec = spec[0] if isinstance(spec, tuple) else spec
-    specs = keras.tree.flatten(x_spec)
+    if isinstance(x_spec, Mapping):
+        specs = in_input_order(model, x_spec, what)
+    else:
+        specs = keras.tree.flatten(x_spec)
     expected = [tuple(t.shape) for t in model.inputs]
     if len(specs) != len(expected):
-        return  # Dict or nested structures: leave the details to Keras.
+        return  # Nested structures: leave the details to Keras.
     for s, shape in zip(specs, expected, strict=True):
         if not isinstance(s, tf.TensorSpec):
             continue
@@ -207,7 +259,7 @@ def check_fit_data(
     if x is None:
         raise DataError(f"{what}: no data given; pass x (and y), or a dataset as x.")
     if is_array_like(x):
-        n = _check_inputs(model, _arrays(x), what)
+        n = _check_inputs(model, _arrays(model, x, what), what)
         if y is not None:
             _check_labels(y, n, rule, model, what)
     elif _is_dataset(x):
@@ -223,7 +275,7 @@ def check_fit_data(
         if isinstance(validation_data, (tuple, list)) and 2 <= len(validation_data) <= 3:
             vx, vy = validation_data[0], validation_data[1]
             if is_array_like(vx):
-                n = _check_inputs(model, _arrays(vx), "validation data")
+                n = _check_inputs(model, _arrays(model, vx, "validation data"), "validation data")
                 _check_labels(vy, n, rule, model, "validation data")
         elif _is_dataset(validation_data):
             _check_dataset_spec(model, validation_data, "validation data")

@@ -10,15 +10,21 @@ cut at any point that share their weights with the original.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import keras
 
 __all__ = [
     "Recorded",
+    "derived_model",
     "fresh_inputs",
+    "input_paths",
     "is_container",
+    "pack_inputs",
+    "quiet_dict_inputs",
     "replay",
 ]
 
@@ -48,6 +54,54 @@ def fresh_inputs(model: keras.Model) -> list[Any]:
         keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=_input_name(t, i))
         for i, t in enumerate(graph_inputs(model))
     ]
+
+
+def _inputs_struct(model: keras.Model) -> Any:
+    # Private API (checked on Keras 3.15.1): the structure (tensor, list or dict) a Functional
+    # model was built with; `model.inputs` is its flattening.
+    return getattr(model, "_inputs_struct", None)
+
+
+def pack_inputs(model: keras.Model, inputs: Sequence[Any]) -> Any:
+    """`inputs` (flat, in `model.inputs` order) in the structure `model` was built with.
+
+    A model built on a dict of inputs keeps taking a dict keyed the same way, so a model derived
+    from it (a new head, the feature cache's prefix) accepts the caller's data unchanged. A list
+    of one input becomes the tensor itself, as `.input` would otherwise be a list.
+    """
+    flat = list(inputs)
+    struct = _inputs_struct(model)
+    if isinstance(struct, dict) and len(keras.tree.flatten(struct)) == len(flat):
+        return keras.tree.pack_sequence_as(struct, flat)
+    return flat[0] if len(flat) == 1 else flat
+
+
+def derived_model(
+    model: keras.Model, inputs: Sequence[Any], outputs: Any, name: str
+) -> keras.Model:
+    """A Functional model on `inputs` (flat, in `model.inputs` order) packed like `model`'s.
+
+    Keras warns when a dict's keys differ from its input tensors' names; `model` was built
+    that way already (its author saw the warning), so models derived from it do not repeat it.
+    """
+    with quiet_dict_inputs():
+        return keras.Model(pack_inputs(model, inputs), outputs, name=name)
+
+
+@contextmanager
+def quiet_dict_inputs() -> Iterator[None]:
+    """Silences Keras' warning about dict keys unlike the input names, for models we rebuild."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")
+        yield
+
+
+def input_paths(model: keras.Model) -> list[tuple[Any, ...]] | None:
+    """The key path of each of `model.inputs` when the model takes a dict, else None."""
+    struct = _inputs_struct(model)
+    if not isinstance(struct, dict):
+        return None
+    return [tuple(path) for path, _ in keras.tree.flatten_with_path(struct)]
 
 
 def _input_name(tensor: Any, index: int) -> str:

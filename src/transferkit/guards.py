@@ -229,6 +229,8 @@ class GuardedFit(Generic[R]):
         interrupted: stopped by a KeyboardInterrupt.
         diverged: stopped by a non-finite loss (weights rolled back).
         restored: the finished result was read from the checkpoint; nothing was trained.
+        cached: when `restored`, whether the stored run trained on cached features.
+        cache_layer: when `restored`, where the stored run's feature cache cut the model.
     """
 
     history: dict[str, list[float]]
@@ -236,6 +238,8 @@ class GuardedFit(Generic[R]):
     interrupted: bool = False
     diverged: bool = False
     restored: bool = False
+    cached: bool = False
+    cache_layer: str | None = None
 
 
 def fit_plan(
@@ -338,7 +342,13 @@ def guarded_fit(
             before = _values(model.variables)
             _assign(model.variables, state.model_values, "weights")
             if state.finished:
-                return GuardedFit(history=state.history, diverged=state.diverged, restored=True)
+                return GuardedFit(
+                    history=state.history,
+                    diverged=state.diverged,
+                    restored=True,
+                    cached=state.cached,
+                    cache_layer=state.cache_layer,
+                )
             try:
                 best = store.load_best() if restore_best else None
             except CheckpointError:
@@ -377,6 +387,8 @@ def guarded_fit(
     if store is not None and not interrupted:
         state = guard._phase_state(finished=True, diverged=diverged)
         state.model_values = _values(model.variables)
+        state.cached = bool(getattr(outcome, "cached", False))
+        state.cache_layer = getattr(outcome, "cache_layer", None)
         store.save(state)
     return GuardedFit(
         history=guard.history, outcome=outcome, interrupted=interrupted, diverged=diverged

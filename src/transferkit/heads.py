@@ -9,7 +9,7 @@ from typing import Any, Literal
 import keras
 
 from transferkit.errors import ConfigError
-from transferkit.graph import Recorded, fresh_inputs, replay
+from transferkit.graph import Recorded, derived_model, fresh_inputs, replay
 from transferkit.layers import LayerRef, all_layers, resolve, top_layers
 
 __all__ = ["HeadSpec", "build_head", "default_cut"]
@@ -218,7 +218,7 @@ def build_head(
     names.append(out_layer.name)
     y = out_layer(x)
     try:
-        new_model = keras.Model(inputs if len(inputs) > 1 else inputs[0], y, name=model.name)
+        new_model = derived_model(model, inputs, y, model.name)
     except ValueError as exc:
         raise ConfigError(f"cannot cut model {model.name!r} at {cut.name!r}: {exc}") from exc
     spec = HeadSpec(

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 
 from transferkit.errors import ConfigError, ModelLoadError
-from transferkit.graph import fresh_inputs, graph_inputs, replay
+from transferkit.graph import fresh_inputs, graph_inputs, quiet_dict_inputs, replay
 from transferkit.keras2 import (
     is_keras2_failure,
     keras2_nested_config,
@@ -160,6 +160,7 @@ def copy_model(
         with (
             keras.saving.custom_object_scope(dict(custom_objects or {})),
             safe_mode_scope(safe_mode),
+            quiet_dict_inputs(),
         ):
             clone = keras.models.clone_model(model)
     except Exception as exc:

@@ -215,9 +215,10 @@ def _batches(x: Any, y: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
         raise DataError(
             "find_lr needs NumPy arrays x and y, or a tf.data.Dataset of (x, y) batches."
         )
-    xs = np.asarray(x)
-    ys = np.asarray(y)
-    n = len(xs)
+    # Several inputs or outputs (lists, tuples, dicts of arrays) are sliced leaf by leaf.
+    xs = keras.tree.map_structure(np.asarray, x)
+    ys = keras.tree.map_structure(np.asarray, y)
+    n = len(keras.tree.flatten(xs)[0])
     if n == 0:
         raise DataError("find_lr: the data is empty; pass at least one sample.")
     rng = np.random.default_rng(0)
@@ -225,7 +226,11 @@ def _batches(x: Any, y: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
         order = rng.permutation(n)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield xs[idx], ys[idx], None
+            yield (
+                keras.tree.map_structure(lambda a, i=idx: a[i], xs),
+                keras.tree.map_structure(lambda a, i=idx: a[i], ys),
+                None,
+            )
 
 
 def _distributed_step(

@@ -101,7 +101,9 @@ def run_fit(
         raise_on_interrupt=options.raise_on_interrupt,
         phase=options.phase,
     )
-    outcome = guarded.outcome or ExecutorResult(history=guarded.history)
+    outcome = guarded.outcome or ExecutorResult(
+        history=guarded.history, cached=guarded.cached, cache_layer=guarded.cache_layer
+    )
     seconds = time.perf_counter() - start
     epochs = max((len(v) for v in guarded.history.values()), default=0)
     return FitResult.from_history(
