@@ -104,15 +104,36 @@ def multiworker(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> Non
     print(f"val_loss={result.history['val_loss']}")
 
 
+def _bn_model(path: Path) -> None:
+    """A small convolutional model with BatchNormalization, saved for both runs to load."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(6, 3, name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.ReLU(name="relu"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(5, activation="softmax", name="out"),
+        ]
+    )
+    model.save(path)
+
+
 def recipes(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
-    """fine_tune, find_lr, LoRA and checkpoint_dir under a 2-replica MirroredStrategy, each
-    against the same recipe without a strategy (final weights saved for the test to compare)."""
+    """fine_tune, find_lr, LoRA, checkpoint_dir, adapt_batchnorm and GradualUnfreezing under a
+    2-replica MirroredStrategy, each against the same recipe without a strategy (final weights
+    saved for the test to compare)."""
     split_cpu(2)
     import keras
 
-    from transferkit import FineTuner
+    from transferkit import FineTuner, GradualUnfreezing
 
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    bn_path = out / "bn_model.keras"
+    _bn_model(bn_path)
 
     def tuner(strat: Any) -> Any:
         t = FineTuner.load(model_path, strategy=strat)
@@ -143,6 +164,20 @@ def recipes(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
         same = all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
         # The sweep may stop early once the loss diverges at the highest rates.
         print(f"{name} find_lr swept={len(finder.lrs) >= 5} unchanged={same}")
+
+        bt = FineTuner.load(bn_path, strategy=strat)
+        start = bt.model.get_layer("bn").moving_variance.numpy().copy()
+        bt.adapt_batchnorm(x, batch_size=GLOBAL_BATCH)
+        moved = not np.allclose(bt.model.get_layer("bn").moving_variance.numpy(), start)
+        np.savez(out / f"adapt_batchnorm_{name}.npz", **weights(bt.model))
+        print(f"{name} adapt_batchnorm moved={moved}")
+
+        # The head first, then one more layer every epoch; the body trains at a low rate.
+        gt = tuner(strat).freeze_until("head_dense_1").compile_sgd(lr=0.005, momentum=0.9)
+        unfreeze = GradualUnfreezing(every=1, step=2)
+        result = gt.fit(x, y, epochs=EPOCHS, callbacks=[unfreeze], **fit)
+        np.savez(out / f"gradual_unfreezing_{name}.npz", **weights(gt.model))
+        print(f"{name} gradual_unfreezing unfrozen={unfreeze.unfrozen}")
 
 
 def main(argv: list[str]) -> None:

@@ -171,7 +171,11 @@ def test_recipes_under_mirrored_strategy(task: tuple[Path, Path], tmp_path: Path
     # rounding only, as in the plain fine-tune above). Runs that train every layer for long at a
     # high rate amplify that rounding (measured: 1.7e-3 after 2 epochs at lr 0.05), so these
     # recipes train briefly (fine_tune: 1+1 epochs, the body at lr 0.005) or only the head.
-    for recipe in ("fine_tune", "lora", "checkpoint"):
+    assert "mirrored adapt_batchnorm moved=True" in text, text[-3000:]
+    assert (
+        "mirrored gradual_unfreezing unfrozen=[(1, ['flatten', 'pool', 'conv2', 'conv1'])]" in text
+    ), text[-3000:]
+    for recipe in ("fine_tune", "lora", "checkpoint", "adapt_batchnorm", "gradual_unfreezing"):
         got = _load(tmp_path / f"{recipe}_mirrored.npz")
         want = _load(tmp_path / f"{recipe}_single.npz")
         assert [g.shape for g in got] == [w.shape for w in want], recipe
