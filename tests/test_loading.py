@@ -13,23 +13,43 @@ import numpy as np
 import pytest
 from conftest import Pretrained, build_cnn, weights_of
 
-from transferkit import ConfigError, FineTuner, ModelLoadError
-from transferkit.keras2 import keras2_config
+from transferkit import ConfigError, DataError, FineTuner, LayerNotFoundError, ModelLoadError
+from transferkit.keras2 import keras2_config, keras2_hard_sigmoid
 from transferkit.loading import copy_model, keras2_nested_config, load_model, to_functional
 
 KERAS2 = Path(__file__).parent / "data" / "keras2"
 KERAS2_FILES = sorted(p.stem for p in KERAS2.glob("*.h5"))
 
 
+# Fixtures plain Keras 3 cannot load at all (the rest load, but not their compiled losses).
+PLAIN_KERAS_FAILS = {
+    "nested_base",
+    "seq_depthwise",
+    "tf_ops",
+    "tutorial_mobilenet",
+    "slash_names",
+    "seq2seq_lstm",
+    "attention_block",
+    "conv_zoo",
+    "conv_lstm",
+}
+
+
 def test_all_keras2_fixtures_are_listed() -> None:
     assert KERAS2_FILES == [
+        "app_layers",
+        "attention_block",
+        "conv_lstm",
+        "conv_zoo",
         "func_resnet",
         "nested_base",
+        "seq2seq_lstm",
         "seq_cnn",
         "seq_depthwise",
         "seq_lambda",
         "seq_mlp_mse",
         "seq_no_compile",
+        "slash_names",
         "tf_ops",
         "tutorial_mobilenet",
     ]
@@ -42,16 +62,25 @@ def _targets(model: keras.Model, n: int) -> np.ndarray:
     return (np.arange(n) % units).astype("int64")
 
 
+def _io(stem: str) -> tuple[Any, np.ndarray]:
+    """The fixture's inputs (a list for several: x0, x1, ...) and Keras 2's predictions."""
+    io = np.load(KERAS2 / f"{stem}_io.npz")
+    xs = [io[k] for k in sorted(k for k in io.files if k.startswith("x"))]
+    return (xs[0] if len(xs) == 1 else xs), io["y"]
+
+
+def _rows(x: Any) -> int:
+    return len(x[0]) if isinstance(x, list) else len(x)
+
+
 @pytest.mark.parametrize("stem", KERAS2_FILES)
 def test_keras2_h5_loads_predicts_the_same_and_fine_tunes(stem: str) -> None:
-    io = np.load(KERAS2 / f"{stem}_io.npz")
+    x, y = _io(stem)
     tuner = FineTuner(KERAS2 / f"{stem}.h5", safe_mode=stem != "seq_lambda")
-    np.testing.assert_allclose(tuner.model.predict(io["x"], verbose=0), io["y"], atol=1e-5)
+    np.testing.assert_allclose(tuner.model.predict(x, verbose=0), y, atol=1e-5)
 
     before = [w.copy() for w in tuner.model.get_weights()]
-    result = tuner.compile_sgd(lr=1e-2).fit(
-        io["x"], _targets(tuner.model, len(io["x"])), epochs=1, verbose=0
-    )
+    result = tuner.compile_sgd(lr=1e-2).fit(x, _targets(tuner.model, _rows(x)), epochs=1, verbose=0)
     assert result.epochs == 1 and np.isfinite(result.history["loss"]).all()
     changed = [
         not np.array_equal(a, b) for a, b in zip(before, tuner.model.get_weights(), strict=True)
@@ -59,26 +88,80 @@ def test_keras2_h5_loads_predicts_the_same_and_fine_tunes(stem: str) -> None:
     assert any(changed)
 
 
+@pytest.mark.parametrize("stem", sorted(PLAIN_KERAS_FAILS))
+def test_plain_keras3_cannot_load_these_keras2_files(stem: str) -> None:
+    # What transferkit fixes: each of these stops `keras.models.load_model` in Keras 3.15.1.
+    with pytest.raises((TypeError, ValueError, IndexError)):
+        keras.models.load_model(KERAS2 / f"{stem}.h5", compile=False)
+
+
 @pytest.mark.parametrize("stem", sorted(p.stem for p in KERAS2.glob("*.keras")))
 def test_keras2_keras_archives_load_and_predict_the_same(stem: str) -> None:
     # Keras 2.13-2.15 `.keras` archives name `keras.src.engine.functional`: plain Keras 3 fails.
     with pytest.raises((TypeError, ValueError)):
         keras.models.load_model(KERAS2 / f"{stem}.keras", compile=False)
-    io = np.load(KERAS2 / f"{stem}_io.npz")
+    x, y = _io(stem)
     tuner = FineTuner(KERAS2 / f"{stem}.keras")
-    np.testing.assert_allclose(tuner.model.predict(io["x"], verbose=0), io["y"], atol=1e-5)
-    result = tuner.compile_sgd(lr=1e-2).fit(
-        io["x"], _targets(tuner.model, len(io["x"])), epochs=1, verbose=0
-    )
+    np.testing.assert_allclose(tuner.model.predict(x, verbose=0), y, atol=1e-5)
+    result = tuner.compile_sgd(lr=1e-2).fit(x, _targets(tuner.model, _rows(x)), epochs=1, verbose=0)
     assert np.isfinite(result.history["loss"]).all()
 
 
 def test_keras2_keras_archive_list() -> None:
     assert sorted(p.stem for p in KERAS2.glob("*.keras")) == [
+        "app_layers",
+        "attention_block",
+        "conv_lstm",
+        "conv_zoo",
         "nested_base",
+        "seq2seq_lstm",
         "seq_cnn",
+        "slash_names",
         "tutorial_mobilenet",
     ]
+
+
+def test_keras2_slash_names_are_renamed_and_point_the_way(tmp_path: Path) -> None:
+    tuner = FineTuner(KERAS2 / "slash_names.h5")
+    names = [layer.name for layer in tuner.model.layers]
+    # "block/conv" would clash with the existing "block_conv": it gets a unique name.
+    assert names[1:] == ["stem_base", "block_conv_1", "block_conv", "head_pool", "head_out"]
+    base = tuner.model.get_layer("stem_base")
+    assert [layer.name for layer in base.layers[1:]] == ["stem_conv", "stem_bn", "stem_relu"]
+    with pytest.raises(LayerNotFoundError, match=r"forbids '/'.*'head_pool'"):
+        tuner.freeze_until("head/pool")
+    x, _ = _io("slash_names")
+    tuner.freeze_until("head_pool").compile_sgd(lr=1e-2)
+    with pytest.raises(DataError, match=r"np.asarray\(y\)"):
+        tuner.fit(x, [0, 1, 2, 0], epochs=2)
+    result = tuner.fit(x, np.array([0, 1, 2, 0]), epochs=2, verbose=0)
+    assert result.cached and result.cache_layer == "head_pool"
+    result.save(tmp_path / "renamed.h5")
+    reloaded = keras.models.load_model(tmp_path / "renamed.h5", compile=False)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), result.predict(x), atol=1e-6)
+
+
+def test_keras2_recurrent_states_and_hard_sigmoid_survive_a_save(tmp_path: Path) -> None:
+    # The decoder's initial_state (three inputs in Keras 2's node) is a keyword again.
+    x, y = _io("seq2seq_lstm")
+    tuner = FineTuner(KERAS2 / "seq2seq_lstm.h5")
+    decoder = tuner.model.get_layer("decoder")
+    assert [t.shape for t in keras.tree.flatten(decoder._inbound_nodes[0].input_tensors)] == [
+        (None, 4, 2),
+        (None, 6),
+        (None, 6),
+    ]
+    # Keras 2's hard_sigmoid (slope 0.2) is kept: Keras 3's own (slope 1/6) would differ by 5e-3.
+    lstm = FineTuner(KERAS2 / "conv_lstm.h5").model
+    assert lstm.get_layer("conv_lstm").cell.recurrent_activation is keras2_hard_sigmoid
+    assert lstm.get_layer("gate").activation is keras2_hard_sigmoid
+    xl, yl = _io("conv_lstm")
+    for model, data, want in ((tuner.model, x, y), (lstm, xl, yl)):
+        for suffix in (".keras", ".h5"):
+            path = tmp_path / f"{model.name}{suffix}"
+            model.save(path)
+            again = keras.models.load_model(path, compile=False)
+            np.testing.assert_allclose(again.predict(data, verbose=0), want, atol=1e-5)
 
 
 def test_keras2_tf_op_layers_load_and_survive_a_save(tmp_path: Path) -> None:

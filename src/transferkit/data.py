@@ -166,6 +166,11 @@ def _check_inputs(model: keras.Model, xs: list[np.ndarray], what: str) -> int:
 
 
 def _check_labels(y: Any, n: int, rule: LabelRule, model: keras.Model, what: str) -> None:
+    if isinstance(y, (list, tuple)) and y and all(np.ndim(v) == 0 for v in y):
+        raise DataError(
+            f"{what}: y is a Python {type(y).__name__} of {len(y)} numbers, which Keras reads as "
+            "one target per model output; pass a NumPy array: np.asarray(y)."
+        )
     ys = _leaves(y)
     for arr in ys:
         if arr.ndim == 0 or arr.shape[0] != n:

@@ -1,20 +1,33 @@
-"""Loading Keras 2 `.h5` files that Keras 3 rejects.
+"""Loading Keras 2 `.h5` and `.keras` files that Keras 3 rejects or misreads.
 
-Two things in real Keras 2 files stop `keras.models.load_model` (checked on Keras 3.15.1):
+What stops `keras.models.load_model` on real Keras 2 files (checked on Keras 3.15.1), and what
+this module does about it, all by rewriting the saved config before Keras builds the model:
 
 - A nested Functional/Sequential model (a base model used as a layer) is referred to with a
-  `node_index` one higher than Keras 3 counts: "nodes failed to be resolved".
-- Keras 2 layer arguments Keras 3 rejects (`groups=1` on `DepthwiseConv2D`, in every Keras 2
-  MobileNet): "Unrecognized keyword arguments passed to DepthwiseConv2D".
+  `node_index` one higher than Keras 3 counts ("nodes failed to be resolved"): shifted.
 - TensorFlow operations called on Keras tensors (`tf.math.truediv` in `preprocess_input`,
   `x * 2.0`, `a + b`, `tf.concat`, `x[:, 1:]`) were saved as `TFOpLambda` and `SlicingOpLambda`
-  layers, which Keras 3 no longer has: "Unknown layer: 'TFOpLambda'".
+  layers, which Keras 3 no longer has: built-in layers where one computes the op, else the
+  stand-ins defined here.
+- Layer names with a `/` (every Keras 2 DenseNet: `conv1/conv`; MobileNetV3: `Conv/BatchNorm`;
+  models ported from TF-Slim): "Argument `name` ... cannot contain character `/`". Such layers
+  are renamed with `_` in place of `/` (`conv1_conv`), made unique if needed. Weights still load:
+  `.h5` weights go by layer order, and a Keras 2 `.keras` archive keys them by class, not name.
+- Keras 2 arguments Keras 3 refuses (`groups=1` on `DepthwiseConv2D` in every MobileNet,
+  `time_major` on every recurrent layer, the unused `kernel_*` of `SeparableConv2D`, ...):
+  dropped when they hold the value that changed nothing (`_OBSOLETE_ARGUMENTS`).
+- Tensors passed by keyword (`initial_state=` of a decoder LSTM, `value=` of
+  MultiHeadAttention), which Keras 3's legacy loader does not resolve: rewritten into the node
+  format it does resolve.
+- Keras 2's `hard_sigmoid` (slope 0.2), which Keras 3 would silently replace with its own (slope
+  1/6): kept as `keras2_hard_sigmoid`.
+- `keras.applications` layers Keras 3 does not register (`LayerScale`, `CustomScaleLayer`).
 
 Keras 2.13-2.15 also wrote `.keras` archives, which Keras 3 cannot read at all (their config
 names `keras.src.engine.functional`). `load_keras2_keras` reads them the same way.
 
-`load_keras2_h5` rebuilds such a file from a corrected config with Keras 3 versions of those two
-layers, then loads the weights, using the same private scopes as Keras' own legacy loader.
+`load_keras2_h5` rebuilds such a file from the corrected config, then loads the weights, using
+the same private scopes as Keras' own legacy loader.
 """
 
 from __future__ import annotations
@@ -32,9 +45,12 @@ __all__ = [
     "TFOpLambda",
     "is_keras2_failure",
     "keras2_config",
+    "keras2_hard_sigmoid",
     "keras2_nested_config",
+    "keras3_name",
     "load_keras2_h5",
     "load_keras2_keras",
+    "h5_written_by_keras2",
     "written_by_keras2",
 ]
 
@@ -49,6 +65,7 @@ def is_keras2_failure(exc: BaseException) -> bool:
     text = str(exc)
     return (
         "failed to be resolved" in text
+        or "cannot contain character `/`" in text
         or any(f"Unknown layer: '{name}'" in text for name in _OP_CLASSES)
         or any(
             f"Unrecognized keyword arguments passed to {cls}" in text for cls in _OBSOLETE_ARGUMENTS
@@ -217,6 +234,107 @@ def _op_nodes(inbound_nodes: Any, names: set[str]) -> Any:
     return fixed
 
 
+def _has_ref(value: Any, names: set[str]) -> bool:
+    if _is_ref(value, names):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_ref(v, names) for v in value)
+    if isinstance(value, dict):
+        return any(_has_ref(v, names) for v in value.values())
+    return False
+
+
+def _as_tensor(value: Any, names: set[str]) -> Any:
+    # Keras 3's serialized form of a symbolic tensor; the loader swaps it for the real output
+    # of `keras_history` (shape and dtype are placeholders it does not read).
+    if _is_ref(value, names):
+        history = list(value)
+        return {
+            "class_name": "__keras_tensor__",
+            "config": {"shape": [], "dtype": "float32", "keras_history": history},
+        }
+    if isinstance(value, (list, tuple)):
+        return [_as_tensor(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_tensor(v, names) for k, v in value.items()}
+    return value
+
+
+def _tensor_kwarg_nodes(inbound_nodes: Any, names: set[str]) -> Any:
+    """Nodes whose keyword arguments hold tensors, in the node format Keras 3 resolves.
+
+    Keras 2 saved tensors passed by keyword (`MultiHeadAttention()(q, value=v)`,
+    `LSTM(...)(x, initial_state=[h, c])` in every encoder-decoder) as references inside the
+    legacy node's kwargs, which Keras 3's loader passes on verbatim: the layer then gets lists
+    of names instead of tensors. Such a node is rewritten as `{"args": ..., "kwargs": ...}` with
+    serialized symbolic tensors, which the loader resolves. Other nodes are kept.
+    """
+    if not isinstance(inbound_nodes, list):
+        return inbound_nodes
+    fixed: list[Any] = []
+    for node in inbound_nodes:
+        entries = node if isinstance(node, list) else None
+        if not entries or not all(isinstance(e, list) and len(e) == 4 for e in entries):
+            fixed.append(node)
+            continue
+        kwargs = entries[-1][3]
+        if not (isinstance(kwargs, dict) and _has_ref(kwargs, names)):
+            fixed.append(node)
+            continue
+        inputs = [_as_tensor(list(e[:3]), names) for e in entries]
+        fixed.append(
+            {
+                "args": [inputs[0] if len(inputs) == 1 else inputs],
+                "kwargs": _as_tensor(kwargs, names),
+            }
+        )
+    return fixed
+
+
+_RNN_CLASSES = (
+    "RNN",
+    "SimpleRNN",
+    "LSTM",
+    "GRU",
+    "ConvLSTM1D",
+    "ConvLSTM2D",
+    "ConvLSTM3D",
+    "Bidirectional",
+)
+
+
+def _rnn_state_nodes(inbound_nodes: Any, names: set[str]) -> Any:
+    """Recurrent-layer nodes with initial states, in the node format Keras 3 resolves.
+
+    Keras 2 saved `LSTM(...)(x, initial_state=[h, c])` (every encoder-decoder) as one node with
+    the inputs `[x, h, c]`; Keras 3 would call the layer on that list ("expects 1 input(s), but
+    it received 3"). Such a node becomes a call on `x` with `initial_state=[h, c]`.
+    """
+    if not isinstance(inbound_nodes, list):
+        return inbound_nodes
+    fixed: list[Any] = []
+    for node in inbound_nodes:
+        entries = node if isinstance(node, list) else None
+        if (
+            not entries
+            or len(entries) < 2
+            or not all(
+                isinstance(e, list) and len(e) == 4 and _is_ref(e[:3], names) for e in entries
+            )
+        ):
+            fixed.append(node)
+            continue
+        kwargs = dict(entries[0][3]) if isinstance(entries[0][3], dict) else {}
+        kwargs["initial_state"] = [list(e[:3]) for e in entries[1:]]
+        fixed.append(
+            {
+                "args": [_as_tensor(list(entries[0][:3]), names)],
+                "kwargs": _as_tensor(kwargs, names),
+            }
+        )
+    return fixed
+
+
 def _slice_spec_into_config(layer: dict[str, Any]) -> None:
     # One call per layer (Keras 2 made a layer per `x[...]`): its slice moves into the config.
     nodes = layer.get("inbound_nodes")
@@ -300,19 +418,149 @@ def _as_native_layer(layer: dict[str, Any]) -> None:
     layer["inbound_nodes"] = [[[*entry[:3], {}] for entry in entries]]
 
 
-# Keras 2 arguments that Keras 3 layers no longer accept, dropped when they hold the value that
-# meant "no change" in Keras 2.
-_OBSOLETE_ARGUMENTS = {"DepthwiseConv2D": {"groups": 1}}
+# Keras 2 arguments that Keras 3 layers refuse, each with the value it must hold to be dropped
+# safely (`_ANY`: Keras 2 wrote it but never used it). Checked against Keras 2.15 configs.
+_ANY = object()
+_RNN_ARGUMENTS = {"time_major": False}
+_SEPARABLE_ARGUMENTS = {
+    "groups": 1,
+    # Keras 2's SeparableConv inherited these from Conv; its kernels are the depthwise and
+    # pointwise ones, which have their own initializer, regularizer and constraint.
+    "kernel_initializer": _ANY,
+    "kernel_regularizer": _ANY,
+    "kernel_constraint": _ANY,
+}
+_OBSOLETE_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "DepthwiseConv2D": {"groups": 1},
+    "SeparableConv1D": _SEPARABLE_ARGUMENTS,
+    "SeparableConv2D": _SEPARABLE_ARGUMENTS,
+    "SeparableConvolution1D": _SEPARABLE_ARGUMENTS,
+    "SeparableConvolution2D": _SEPARABLE_ARGUMENTS,
+    # Keras 3 builds the layer from its first call, not from shapes in its config.
+    "MultiHeadAttention": {"query_shape": _ANY, "key_shape": _ANY, "value_shape": _ANY},
+    # Keras 3's legacy loader turns the string "dot" into the function `keras.layers.dot` (it
+    # resolves strings that name functions of the layers module) and Attention then refuses it.
+    # "dot" is Keras 3's default.
+    "Attention": {"score_mode": "dot"},
+    # Keras 3 SpatialDropout takes neither (it has no weights: `trainable` is moot).
+    **{f"SpatialDropout{n}D": {"noise_shape": None, "trainable": _ANY} for n in (1, 2, 3)},
+    **{
+        transpose: {"groups": 1}
+        for transpose in (
+            "Conv1DTranspose",
+            "Conv2DTranspose",
+            "Conv3DTranspose",
+            "Convolution1DTranspose",
+            "Convolution2DTranspose",
+            "Convolution3DTranspose",
+        )
+    },
+    **{
+        rnn: _RNN_ARGUMENTS
+        for rnn in ("RNN", "SimpleRNN", "LSTM", "GRU", "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+    },
+}
 
 
-def _drop_obsolete(layer: dict[str, Any]) -> None:
-    obsolete = _OBSOLETE_ARGUMENTS.get(str(layer.get("class_name")), {})
+# Keras 2's hard_sigmoid is clip(0.2 * x + 0.5, 0, 1); Keras 3's is clip(x / 6 + 0.5, 0, 1).
+# The name alone would load silently with the other function (ConvLSTM2D's default recurrent
+# activation in Keras 2), so it is rewritten to Keras 2's function, registered below.
+_ACTIVATION_KEYS = ("activation", "recurrent_activation")
+_KERAS2_HARD_SIGMOID = "keras2_hard_sigmoid"
+
+
+@keras.saving.register_keras_serializable(  # type: ignore[untyped-decorator]
+    package="transferkit", name=_KERAS2_HARD_SIGMOID
+)
+def keras2_hard_sigmoid(x: Any) -> Any:
+    """Keras 2's `hard_sigmoid`: `clip(0.2 * x + 0.5, 0, 1)` (Keras 3's has slope 1/6)."""
+    return keras.ops.clip(0.2 * x + 0.5, 0.0, 1.0)
+
+
+def _fix_arguments(layer: dict[str, Any]) -> None:
     config = layer.get("config")
     if not isinstance(config, dict):
         return
+    if layer.get("class_name") == "ThresholdedReLU":
+        # Removed in Keras 3; `ReLU(threshold=theta)` computes the same (x > theta ? x : 0).
+        layer["class_name"] = "ReLU"
+        theta = config.pop("theta", 1.0)
+        config["threshold"] = theta
+    obsolete = _OBSOLETE_ARGUMENTS.get(str(layer.get("class_name")), {})
     for key, neutral in obsolete.items():
-        if config.get(key, neutral) == neutral:
-            config.pop(key, None)
+        if key in config and (neutral is _ANY or config[key] == neutral):
+            config.pop(key)
+    for key in _ACTIVATION_KEYS:
+        if config.get(key) == "hard_sigmoid":
+            config[key] = _KERAS2_HARD_SIGMOID
+    # Wrapped layers (Bidirectional's `layer` and `backward_layer`, TimeDistributed's `layer`,
+    # an RNN's `cell`) are configs inside the config.
+    for value in config.values():
+        wrapped = isinstance(value, dict) and "class_name" in value and "config" in value
+        if wrapped and value.get("class_name") not in _MODEL_CLASSES:
+            _fix_arguments(value)
+
+
+def keras3_name(name: str) -> str:
+    """The name a Keras 2 layer called `name` gets here (before any de-duplication)."""
+    return name.replace("/", "_")
+
+
+def _rename_refs(node: Any, renamed: Mapping[str, str]) -> Any:
+    # References as in `_shift_refs`: `[layer_name, node_index, tensor_index, ...]`.
+    if isinstance(node, list):
+        if (
+            len(node) >= 3
+            and isinstance(node[0], str)
+            and node[0] in renamed
+            and isinstance(node[1], int)
+            and isinstance(node[2], int)
+        ):
+            return [renamed[node[0]], *(_rename_refs(item, renamed) for item in node[1:])]
+        return [_rename_refs(item, renamed) for item in node]
+    if isinstance(node, dict):
+        return {key: _rename_refs(value, renamed) for key, value in node.items()}
+    return node
+
+
+def _layer_name(layer: dict[str, Any]) -> str:
+    # Functional layers carry their name twice; Sequential ones only inside "config".
+    config = layer.get("config")
+    inner = config.get("name") if isinstance(config, dict) else None
+    return str(layer.get("name", inner))
+
+
+def _rename_slashes(inner: dict[str, Any], layers: list[Any]) -> None:
+    """Renames this level's layers whose names hold a `/`, which Keras 3 refuses."""
+    names = [_layer_name(layer) for layer in layers if isinstance(layer, dict)]
+    taken = set(names)
+    renamed: dict[str, str] = {}
+    for old in names:
+        if "/" not in old:
+            continue
+        new = base = keras3_name(old)
+        count = 0
+        while new in taken:
+            count += 1
+            new = f"{base}_{count}"
+        taken.add(new)
+        renamed[old] = new
+    if not renamed:
+        return
+    for layer in layers:
+        if not isinstance(layer, dict):
+            continue
+        old = _layer_name(layer)
+        if old in renamed:
+            if "name" in layer:
+                layer["name"] = renamed[old]
+            if isinstance(layer.get("config"), dict):
+                layer["config"]["name"] = renamed[old]
+        if "inbound_nodes" in layer:
+            layer["inbound_nodes"] = _rename_refs(layer["inbound_nodes"], renamed)
+    for key in ("input_layers", "output_layers"):
+        if key in inner:
+            inner[key] = _rename_refs(inner[key], renamed)
 
 
 def _fix_level(model_config: dict[str, Any], *, shift_nested: bool) -> None:
@@ -322,6 +570,7 @@ def _fix_level(model_config: dict[str, Any], *, shift_nested: bool) -> None:
     layers = inner.get("layers")
     if not isinstance(layers, list):
         return
+    _rename_slashes(inner, layers)
     nested = _nested_model_names(layers) if shift_nested else set()
     names = {str(layer.get("name")) for layer in layers if isinstance(layer, dict)}
     for layer in layers:
@@ -329,7 +578,7 @@ def _fix_level(model_config: dict[str, Any], *, shift_nested: bool) -> None:
             continue
         if layer.get("class_name") in _MODEL_CLASSES:
             _fix_level(layer, shift_nested=shift_nested)
-        _drop_obsolete(layer)
+        _fix_arguments(layer)
         if "inbound_nodes" not in layer:
             continue
         if nested:
@@ -337,6 +586,10 @@ def _fix_level(model_config: dict[str, Any], *, shift_nested: bool) -> None:
         if layer.get("class_name") in _OP_CLASSES:
             layer["inbound_nodes"] = _op_nodes(layer["inbound_nodes"], names)
             _as_native_layer(layer)
+        else:
+            if layer.get("class_name") in _RNN_CLASSES:
+                layer["inbound_nodes"] = _rnn_state_nodes(layer["inbound_nodes"], names)
+            layer["inbound_nodes"] = _tensor_kwarg_nodes(layer["inbound_nodes"], names)
         if layer.get("class_name") == "SlicingOpLambda":
             _slice_spec_into_config(layer)
     for key in ("input_layers", "output_layers"):
@@ -349,7 +602,8 @@ def keras2_config(config: dict[str, Any], *, shift_nested: bool = True) -> dict[
 
     Every reference to a nested model layer is shifted down by one node (when `shift_nested`),
     at every nesting depth; op-layer nodes take the form Keras 3 reads (tensor keyword
-    arguments become inputs); obsolete Keras 2 arguments are dropped. The input is not modified.
+    arguments become inputs); obsolete Keras 2 arguments are dropped; `/` in layer names becomes
+    `_`. The input is not modified.
 
     Args:
         config: a `{"class_name": ..., "config": {...}}` model config from a Keras 2 `.h5`.
@@ -376,7 +630,10 @@ def _build(
     from keras.src.legacy.saving import saving_options, saving_utils
     from keras.src.saving import serialization_lib
 
-    objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda}
+    objects: dict[str, Any] = dict(_builtin_layers())
+    objects.update({"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda})
+    objects[_KERAS2_HARD_SIGMOID] = keras2_hard_sigmoid
+    objects.update(_application_layers())
     objects.update(custom_objects)
     with (
         keras.saving.custom_object_scope(objects),
@@ -389,12 +646,66 @@ def _build(
     return model
 
 
+def _builtin_layers() -> dict[str, Any]:
+    # A wrapped layer (Bidirectional's LSTM) is deserialized by Keras 3's new-style code, which
+    # needs a module for built-in classes; a Keras 2 `.keras` config loses its modules here
+    # (they name Keras 2 internals), so built-in layers are found by class name.
+    return {
+        name: obj
+        for name, obj in vars(keras.layers).items()
+        if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)
+    }
+
+
+def _application_layers() -> dict[str, Any]:
+    """Custom layers of `keras.applications` models that Keras 2 saved under their own names.
+
+    Keras 3 defines the same layers (same arguments) without registering them for loading.
+    Private modules, checked against Keras 3.15.1.
+    """
+    from keras.src.applications import convnext, inception_resnet_v2
+
+    scale = inception_resnet_v2.CustomScaleLayer
+    return {
+        "LayerScale": convnext.LayerScale,
+        "StochasticDepth": convnext.StochasticDepth,
+        "CustomScaleLayer": scale,
+        "Custom>CustomScaleLayer": scale,
+    }
+
+
+def _register_application_layers() -> None:
+    # Keras 3 saves these under their bare class names in `.h5` files and cannot read them back
+    # (its own ConvNeXt and InceptionResNetV2 included); a `.keras` archive records their module
+    # and reloads anywhere. Registering the names (without replacing a user's own entry) lets a
+    # fine-tuned Keras 2 ConvNeXt saved as `.h5` reload wherever transferkit is imported.
+    registry = keras.saving.get_custom_objects()
+    for name, cls in _application_layers().items():
+        registry.setdefault(name, cls)
+
+
+_register_application_layers()
+
+
+def h5_written_by_keras2(path: Path) -> bool:
+    """Whether an HDF5 model file was written by Keras 2 (its `keras_version` attribute)."""
+    import h5py  # type: ignore[import-untyped]
+
+    try:
+        with h5py.File(path, mode="r") as f:
+            version = f.attrs.get("keras_version", b"")
+    except OSError:
+        return False
+    version = version.decode() if hasattr(version, "decode") else str(version)
+    return str(version).startswith("2.")
+
+
 def load_keras2_h5(
     path: Path, *, custom_objects: Mapping[str, Any], safe_mode: bool
 ) -> keras.Model:
     """Loads a Keras 2 `.h5` that `keras.models.load_model` cannot (see the module docstring):
     the corrected config, then the weights as Keras' legacy loader reads them."""
-    import h5py  # type: ignore[import-untyped]
+    import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
     with h5py.File(path, mode="r") as f:

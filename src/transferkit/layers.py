@@ -145,6 +145,13 @@ def resolve(model: keras.Model, ref: LayerRef) -> keras.layers.Layer:
             )
         if matches:
             return matches[0]
+        if "/" in ref:
+            # Not resolved silently: a renamed layer may also have been de-duplicated.
+            raise LayerNotFoundError(
+                f"no layer named {ref!r}: Keras 3 forbids '/' in layer names, so a Keras 2 layer "
+                f"named so was loaded with '_' in its place; "
+                f"{_closest(ref.replace('/', '_'), model)}."
+            )
         raise LayerNotFoundError(
             f"no layer named {ref!r}; {_closest(ref, model)}. {_describe_count(model)}."
         )

@@ -20,6 +20,7 @@ import keras
 from transferkit.errors import ConfigError, ModelLoadError
 from transferkit.graph import fresh_inputs, graph_inputs, quiet_dict_inputs, replay
 from transferkit.keras2 import (
+    h5_written_by_keras2,
     is_keras2_failure,
     keras2_nested_config,
     load_keras2_h5,
@@ -87,7 +88,7 @@ def load_model(
                     if not written_by_keras2(p):
                         raise
                     model = load_keras2_keras(p, custom_objects=objects, safe_mode=safe_mode)
-                elif is_keras2_failure(exc):
+                elif is_keras2_failure(exc) or h5_written_by_keras2(p):
                     model = load_keras2_h5(p, custom_objects=objects, safe_mode=safe_mode)
                 else:
                     raise

@@ -34,7 +34,17 @@ assert KERAS_VERSION.startswith("2."), (
 OUT = os.path.dirname(os.path.abspath(__file__))
 keras.utils.set_random_seed(0)
 RNG = np.random.default_rng(0)
-KERAS_FORMAT_TOO = ("seq_cnn", "nested_base", "tutorial_mobilenet")
+KERAS_FORMAT_TOO = (
+    "seq_cnn",
+    "nested_base",
+    "tutorial_mobilenet",
+    "slash_names",
+    "seq2seq_lstm",
+    "attention_block",
+    "conv_zoo",
+    "conv_lstm",
+    "app_layers",
+)
 
 
 def _save(model, name, x_train, y_train, x_io):
@@ -43,7 +53,9 @@ def _save(model, name, x_train, y_train, x_io):
     path = os.path.join(OUT, name + ".h5")
     model.save(path)  # legacy HDF5 because of the .h5 suffix
     y = model.predict(x_io, verbose=0)
-    np.savez(os.path.join(OUT, name + "_io.npz"), x=x_io, y=y)
+    # Several inputs are stored as x0, x1, ... in the model's input order.
+    xs = {f"x{i}": a for i, a in enumerate(x_io)} if isinstance(x_io, list) else {"x": x_io}
+    np.savez(os.path.join(OUT, name + "_io.npz"), y=y, **xs)
     print(f"{name}.h5: {os.path.getsize(path)} bytes")
     if name in KERAS_FORMAT_TOO:
         # Keras 2.13+ also wrote the `.keras` archive format, which Keras 3 cannot read as is.
@@ -213,14 +225,126 @@ def seq_depthwise():
     _save(m, "seq_depthwise", _f32(12, 8, 8, 3), RNG.integers(0, 3, 12), _f32(4, 8, 8, 3))
 
 
+def slash_names():
+    """Layer names with "/" (as in every Keras 2 DenseNet, MobileNetV3 and TF-Slim port), one of
+    which clashes with another layer's name once "/" becomes "_", and a nested base with them."""
+    base_in = keras.Input((8, 8, 1))
+    h = layers.Conv2D(4, 3, name="stem/conv")(base_in)
+    h = layers.BatchNormalization(name="stem/bn")(h)
+    base = keras.Model(base_in, layers.ReLU(name="stem/relu")(h), name="stem/base")
+    inp = keras.Input((8, 8, 1))
+    h = base(inp)
+    h = layers.Conv2D(4, 3, padding="same", name="block/conv")(h)
+    h = layers.Conv2D(4, 1, name="block_conv")(h)
+    h = layers.GlobalAveragePooling2D(name="head/pool")(h)
+    m = keras.Model(inp, layers.Dense(3, activation="softmax", name="head/out")(h))
+    m.compile("adam", "sparse_categorical_crossentropy")
+    _save(m, "slash_names", _f32(12, 8, 8, 1), RNG.integers(0, 3, 12), _f32(4, 8, 8, 1))
+
+
+def seq2seq_lstm():
+    """An encoder-decoder: the decoder LSTM starts from the encoder's states
+    (`initial_state=`, saved as tensors inside the node's kwargs), a Bidirectional GRU, a
+    TimeDistributed head; every recurrent layer is saved with `time_major=False`."""
+    enc_in = keras.Input((5, 3), name="encoder_in")
+    dec_in = keras.Input((4, 2), name="decoder_in")
+    _, state_h, state_c = layers.LSTM(6, return_state=True, name="encoder")(enc_in)
+    h = layers.LSTM(6, return_sequences=True, name="decoder")(
+        dec_in, initial_state=[state_h, state_c]
+    )
+    h = layers.Bidirectional(layers.GRU(3, return_sequences=True), name="bi_gru")(h)
+    h = layers.TimeDistributed(layers.Dense(4), name="per_step")(h)
+    h = layers.SimpleRNN(5, name="summary")(h)
+    m = keras.Model([enc_in, dec_in], layers.Dense(1, name="out")(h))
+    m.compile("adam", "mse")
+    x = [_f32(12, 5, 3), _f32(12, 4, 2)]
+    _save(m, "seq2seq_lstm", x, _f32(12, 1), [a[:4] for a in x])
+
+
+def attention_block():
+    """MultiHeadAttention called with `value=` (a tensor keyword argument, and saved with
+    query/key/value shapes), a dot-product `Attention`, LayerNormalization, SeparableConv1D."""
+    inp = keras.Input((6, 8))
+    a = layers.MultiHeadAttention(2, 4, name="mha")(inp, value=inp)
+    h = layers.LayerNormalization(name="norm")(layers.Add()([inp, a]))
+    h = layers.Attention(name="dot_attention")([h, inp])
+    h = layers.SeparableConv1D(4, 3, name="sep1d")(h)
+    h = layers.GlobalAveragePooling1D()(h)
+    m = keras.Model(inp, layers.Dense(3, activation="softmax", name="out")(h))
+    m.compile("adam", "sparse_categorical_crossentropy")
+    _save(m, "attention_block", _f32(12, 6, 8), RNG.integers(0, 3, 12), _f32(4, 6, 8))
+
+
+def conv_zoo():
+    """Keras 2 convolution-family layers whose configs Keras 3 refuses: SeparableConv2D
+    (`groups`, unused `kernel_*`), Conv2DTranspose (`groups`), SpatialDropout2D
+    (`noise_shape`, `trainable`), ThresholdedReLU (removed in Keras 3), LeakyReLU(alpha=)."""
+    inp = keras.Input((8, 8, 3))
+    h = layers.SeparableConv2D(6, 3, padding="same", name="sep")(inp)
+    h = layers.LeakyReLU(alpha=0.2)(h)
+    h = layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(h)
+    h = layers.ThresholdedReLU(theta=0.1, name="thresholded")(h)
+    h = layers.SpatialDropout2D(0.1, name="spatial_dropout")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    m = keras.Model(inp, layers.Dense(3, activation="softmax", name="out")(h))
+    m.compile("adam", "sparse_categorical_crossentropy")
+    _save(m, "conv_zoo", _f32(12, 8, 8, 3), RNG.integers(0, 3, 12), _f32(4, 8, 8, 3))
+
+
+def conv_lstm():
+    """ConvLSTM2D with Keras 2's default `recurrent_activation="hard_sigmoid"`, whose formula
+    differs in Keras 3 (slope 0.2 vs 1/6): predictions must still match."""
+    inp = keras.Input((3, 6, 6, 1))
+    h = layers.ConvLSTM2D(3, 3, padding="same", name="conv_lstm")(inp)
+    h = layers.Activation("hard_sigmoid", name="gate")(h)
+    h = layers.Flatten()(h)
+    m = keras.Model(inp, layers.Dense(1, name="out")(h))
+    m.compile("adam", "mse")
+    _save(m, "conv_lstm", 3 * _f32(12, 3, 6, 6, 1), _f32(12, 1), 3 * _f32(4, 3, 6, 6, 1))
+
+
+def app_layers():
+    """The custom layers of `keras.applications` ConvNeXt (LayerScale) and InceptionResNetV2
+    (CustomScaleLayer), which Keras 3 defines but does not register for loading."""
+    from keras.src.applications.convnext import LayerScale
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    inp = keras.Input((6, 6, 4))
+    h = layers.Conv2D(4, 1, name="proj")(inp)
+    h = LayerScale(1e-1, 4, name="layer_scale")(h)
+    h = CustomScaleLayer(0.17, name="residual_scale")([inp, h])
+    h = layers.GlobalAveragePooling2D()(h)
+    m = keras.Model(inp, layers.Dense(3, activation="softmax", name="out")(h))
+    m.compile("adam", "sparse_categorical_crossentropy")
+    _save(m, "app_layers", _f32(12, 6, 6, 4), RNG.integers(0, 3, 12), _f32(4, 6, 6, 4))
+
+
+MODELS = {
+    f.__name__: f
+    for f in (
+        seq_cnn,
+        seq_mlp_mse,
+        func_resnet,
+        nested_base,
+        seq_lambda,
+        seq_no_compile,
+        tutorial_mobilenet,
+        tf_ops,
+        seq_depthwise,
+        slash_names,
+        seq2seq_lstm,
+        attention_block,
+        conv_zoo,
+        conv_lstm,
+        app_layers,
+    )
+}
+
+
 if __name__ == "__main__":
+    import sys
+
+    # With names, only those are (re)written: regenerating `seq_lambda` rewrites its bytecode.
     print("tensorflow", tf.__version__, "keras", KERAS_VERSION)
-    seq_cnn()
-    seq_mlp_mse()
-    func_resnet()
-    nested_base()
-    seq_lambda()
-    seq_no_compile()
-    tutorial_mobilenet()
-    tf_ops()
-    seq_depthwise()
+    for name in sys.argv[1:] or MODELS:
+        MODELS[name]()
