@@ -32,15 +32,21 @@ the same private scopes as Keras' own legacy loader.
 
 from __future__ import annotations
 
+import binascii
+import codecs
 import copy
 import json
+import marshal
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 __all__ = [
+    "Keras2Lambda",
     "SlicingOpLambda",
     "TFOpLambda",
     "is_keras2_failure",
@@ -493,6 +499,11 @@ def _fix_arguments(layer: dict[str, Any]) -> None:
     for key in _ACTIVATION_KEYS:
         if config.get(key) == "hard_sigmoid":
             config[key] = _KERAS2_HARD_SIGMOID
+    dtype = config.get("dtype")
+    if isinstance(dtype, dict) and dtype.get("class_name") == "Policy":
+        # Keras 2's mixed-precision policy object; Keras 3 takes the policy's name as dtype
+        # (its loader would pass the dict on as a string and fail on `quantization_mode`).
+        config["dtype"] = (dtype.get("config") or {}).get("name", "float32")
     # Wrapped layers (Bidirectional's `layer` and `backward_layer`, TimeDistributed's `layer`,
     # an RNN's `cell`) are configs inside the config.
     for value in config.values():
@@ -657,6 +668,101 @@ def _builtin_layers() -> dict[str, Any]:
     }
 
 
+_LAMBDA_DEP_ARGS = ("module", "function_type", "output_shape_type", "output_shape_module")
+_LAMBDA_MODULES = ("tf", "np")
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class Keras2Lambda(keras.layers.Lambda):  # type: ignore[misc]
+    """A Keras 2 `Lambda` whose function uses `tf` or `np` as globals.
+
+    Keras 2 ran a deserialized lambda with its own module's globals, which held `tf` and `np`:
+    `Lambda(lambda x: tf.math.l2_normalize(x, axis=1))` (every face-embedding model) loaded.
+    Keras 3 gives it the globals of `keras.src.utils.python_utils`, where `tf` is undefined, and
+    the load fails ("could not automatically infer the shape of the Lambda's output"). This
+    layer rebuilds the function with those two names added; it is used (with `safe_mode=False`,
+    as for any lambda) only for functions that name them.
+    """
+
+    def __init__(self, function: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_with_module_globals(function), *args, **kwargs)
+
+
+def _with_module_globals(function: Any) -> Any:
+    if not isinstance(function, types.FunctionType):
+        return function
+    extra = {k: v for k, v in _lambda_globals().items() if k not in function.__globals__}
+    if not extra:
+        return function
+    return types.FunctionType(
+        function.__code__,
+        {**function.__globals__, **extra},
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+
+
+def _code_names(code: Any) -> set[str]:
+    # The names a marshalled Keras 2 lambda reads (nested code objects included). Only called
+    # with safe_mode=False, when Keras itself will unmarshal and run the same bytes.
+    try:
+        try:
+            raw = codecs.decode(str(code).encode("ascii"), "base64")
+        except (UnicodeEncodeError, binascii.Error):
+            raw = str(code).encode("raw_unicode_escape")
+        stack = [marshal.loads(raw)]
+    except Exception:  # bytecode of another Python version, or not code at all
+        return set()
+    names: set[str] = set()
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, types.CodeType):
+            names.update(obj.co_names)
+            stack.extend(c for c in obj.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def _lambda_code(function: Any) -> tuple[Any, Any, Any] | None:
+    if isinstance(function, list) and len(function) == 3:
+        return function[0], function[1], function[2]
+    if isinstance(function, dict) and function.get("class_name") == "__lambda__":
+        inner = function.get("config") or {}
+        return inner.get("code"), inner.get("defaults"), inner.get("closure")
+    return None
+
+
+def _mark_global_lambdas(node: Any) -> None:
+    """Turns Keras 2 lambdas that use `tf`/`np` into `Keras2Lambda` layers (see its doc)."""
+    if isinstance(node, list):
+        for item in node:
+            _mark_global_lambdas(item)
+        return
+    if not isinstance(node, dict):
+        return
+    config = node.get("config")
+    if node.get("class_name") == "Lambda" and isinstance(config, dict):
+        code = _lambda_code(config.get("function"))
+        if code is not None and set(_LAMBDA_MODULES) & _code_names(code[0]):
+            for arg in _LAMBDA_DEP_ARGS:
+                config.pop(arg, None)
+            config["function"] = {
+                "class_name": "__lambda__",
+                "config": {"code": code[0], "defaults": code[1], "closure": code[2]},
+            }
+            node["class_name"] = "transferkit>Keras2Lambda"
+        return
+    for value in node.values():
+        _mark_global_lambdas(value)
+
+
+def _lambda_globals() -> dict[str, Any]:
+    # What Keras 2's deserialized lambdas found among their globals.
+    import tensorflow as tf
+
+    return {"tf": tf, "np": np}
+
+
 def _application_layers() -> dict[str, Any]:
     """Custom layers of `keras.applications` models that Keras 2 saved under their own names.
 
@@ -718,6 +824,8 @@ def load_keras2_h5(
         version = f.attrs.get("keras_version", b"")
         version = version.decode() if hasattr(version, "decode") else str(version)
         config = keras2_config(json.loads(raw), shift_nested=not version.startswith("3"))
+        if not safe_mode:
+            _mark_global_lambdas(config)
         model = _build(config, custom_objects=custom_objects, safe_mode=safe_mode)
         legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
     return model
@@ -760,6 +868,8 @@ def load_keras2_keras(
 
     with zipfile.ZipFile(path) as archive:
         config = keras2_config(_legacy_form(json.loads(archive.read("config.json"))))
+        if not safe_mode:
+            _mark_global_lambdas(config)
         weights = archive.read("model.weights.h5")
     model = _build(config, custom_objects=custom_objects, safe_mode=safe_mode)
     with tempfile.TemporaryDirectory(prefix="transferkit-keras2-") as tmp:

@@ -83,7 +83,7 @@ def load_model(
                 model = keras.models.load_model(
                     p, compile=False, custom_objects=objects, safe_mode=safe_mode
                 )
-            except (ValueError, TypeError) as exc:  # Keras raises either for a bad config.
+            except Exception as exc:  # Keras raises many types for a config it cannot build.
                 if suffix == ".keras":
                     if not written_by_keras2(p):
                         raise

@@ -44,6 +44,8 @@ KERAS_FORMAT_TOO = (
     "conv_zoo",
     "conv_lstm",
     "app_layers",
+    "lambda_tf",
+    "mixed_policy",
 )
 
 
@@ -319,6 +321,36 @@ def app_layers():
     _save(m, "app_layers", _f32(12, 6, 6, 4), RNG.integers(0, 3, 12), _f32(4, 6, 6, 4))
 
 
+def lambda_tf():
+    """A Lambda whose function uses `tf` as a global (face-embedding models normalise so): Keras
+    3 runs deserialized lambdas without it. Marshalled Python 3.11 bytecode, like seq_lambda."""
+    inp = keras.Input((5,))
+    h = layers.Lambda(lambda t: tf.math.l2_normalize(t, axis=-1), name="l2_norm")(inp)
+    h = layers.Dense(4, name="embed")(h)
+    m = keras.Model(inp, layers.Dense(1, name="out")(h))
+    m.compile("sgd", "mse")
+    _save(m, "lambda_tf", _f32(12, 5), _f32(12, 1), _f32(4, 5))
+
+
+def mixed_policy():
+    """Saved under the `mixed_float16` policy: Keras 2 stores a `Policy` object per layer."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        m = keras.Sequential(
+            [
+                layers.InputLayer(input_shape=(6, 6, 2)),
+                layers.Conv2D(4, 3, name="conv"),
+                layers.Flatten(),
+                layers.Dense(3, name="logits"),
+                layers.Activation("softmax", dtype="float32", name="probs"),
+            ]
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    m.compile("adam", "sparse_categorical_crossentropy")
+    _save(m, "mixed_policy", _f32(12, 6, 6, 2), RNG.integers(0, 3, 12), _f32(4, 6, 6, 2))
+
+
 MODELS = {
     f.__name__: f
     for f in (
@@ -337,6 +369,8 @@ MODELS = {
         conv_zoo,
         conv_lstm,
         app_layers,
+        lambda_tf,
+        mixed_policy,
     )
 }
 
