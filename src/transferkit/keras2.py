@@ -38,7 +38,7 @@ import copy
 import json
 import marshal
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,23 +182,35 @@ def _nested_model_names(layer_configs: list[Any]) -> set[str]:
     }
 
 
-def _shift_refs(node: Any, nested: set[str]) -> Any:
-    # A reference is `[layer_name, node_index, tensor_index, ...]`, in the old list format or
-    # under "keras_history" in the new one; anything else is walked through unchanged.
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _map_refs(node: Any, names: Container[str], change: Callable[[list[Any]], list[Any]]) -> Any:
+    """`node` with `change` applied to every reference to a layer in `names`.
+
+    A reference is `[layer_name, node_index, tensor_index, ...]`, in the old list format or
+    under "keras_history" in the new one; what follows the three (a call's kwargs) is walked too,
+    as is anything else.
+    """
     if isinstance(node, list):
         if (
             len(node) >= 3
             and isinstance(node[0], str)
-            and node[0] in nested
-            and isinstance(node[1], int)
-            and not isinstance(node[1], bool)
-            and node[1] >= 1
+            and node[0] in names
+            and _is_index(node[1])
+            and _is_index(node[2])
         ):
-            return [node[0], node[1] - 1, *node[2:]]
-        return [_shift_refs(item, nested) for item in node]
+            return [*change(list(node[:3])), *(_map_refs(v, names, change) for v in node[3:])]
+        return [_map_refs(item, names, change) for item in node]
     if isinstance(node, dict):
-        return {key: _shift_refs(value, nested) for key, value in node.items()}
+        return {key: _map_refs(value, names, change) for key, value in node.items()}
     return node
+
+
+def _shift_refs(node: Any, nested: set[str]) -> Any:
+    """Keras 2 counted a nested model's first call as node 1; Keras 3 counts it as node 0."""
+    return _map_refs(node, nested, lambda ref: [ref[0], max(ref[1] - 1, 0), ref[2]])
 
 
 def _is_ref(value: Any, names: set[str]) -> bool:
@@ -518,20 +530,7 @@ def keras3_name(name: str) -> str:
 
 
 def _rename_refs(node: Any, renamed: Mapping[str, str]) -> Any:
-    # References as in `_shift_refs`: `[layer_name, node_index, tensor_index, ...]`.
-    if isinstance(node, list):
-        if (
-            len(node) >= 3
-            and isinstance(node[0], str)
-            and node[0] in renamed
-            and isinstance(node[1], int)
-            and isinstance(node[2], int)
-        ):
-            return [renamed[node[0]], *(_rename_refs(item, renamed) for item in node[1:])]
-        return [_rename_refs(item, renamed) for item in node]
-    if isinstance(node, dict):
-        return {key: _rename_refs(value, renamed) for key, value in node.items()}
-    return node
+    return _map_refs(node, renamed.keys(), lambda ref: [renamed[ref[0]], ref[1], ref[2]])
 
 
 def _layer_name(layer: dict[str, Any]) -> str:
