@@ -116,11 +116,9 @@ def _arrays(model: keras.Model, x: Any, what: str) -> list[np.ndarray]:
 
 
 def _leaves(y: Any) -> list[np.ndarray]:
-    return (
-        [np.asarray(v) for v in keras.tree.flatten(y)]
-        if not hasattr(y, "shape")
-        else [np.asarray(y)]
-    )
+    if hasattr(y, "shape"):
+        return [np.asarray(y)]
+    return [np.asarray(v) for v in keras.tree.flatten(y)]
 
 
 def _fmt(shape: Sequence[Any]) -> str:

@@ -219,7 +219,8 @@ def _is_ref(value: Any, names: set[str]) -> bool:
         and len(value) == 3
         and isinstance(value[0], str)
         and value[0] in names
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])
+        and _is_index(value[1])
+        and _is_index(value[2])
     )
 
 
@@ -278,34 +279,37 @@ def _as_tensor(value: Any, names: set[str]) -> Any:
     return value
 
 
+def _legacy_entries(node: Any) -> list[list[Any]] | None:
+    # A legacy node: a list of `[layer_name, node_index, tensor_index, kwargs]` entries.
+    if isinstance(node, list) and node and all(isinstance(e, list) and len(e) == 4 for e in node):
+        return node
+    return None
+
+
+def _call_node(args: list[Any], kwargs: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    # The node format Keras 3 resolves, references serialized as symbolic tensors.
+    return {"args": _as_tensor(args, names), "kwargs": _as_tensor(kwargs, names)}
+
+
 def _tensor_kwarg_nodes(inbound_nodes: Any, names: set[str]) -> Any:
     """Nodes whose keyword arguments hold tensors, in the node format Keras 3 resolves.
 
-    Keras 2 saved tensors passed by keyword (`MultiHeadAttention()(q, value=v)`,
-    `LSTM(...)(x, initial_state=[h, c])` in every encoder-decoder) as references inside the
-    legacy node's kwargs, which Keras 3's loader passes on verbatim: the layer then gets lists
-    of names instead of tensors. Such a node is rewritten as `{"args": ..., "kwargs": ...}` with
-    serialized symbolic tensors, which the loader resolves. Other nodes are kept.
+    Keras 2 saved tensors passed by keyword (`MultiHeadAttention()(q, value=v)`) as references
+    inside the legacy node's kwargs, which Keras 3's loader passes on verbatim: the layer then
+    gets lists of names instead of tensors. Such a node is rewritten with `_call_node`; other
+    nodes are kept.
     """
     if not isinstance(inbound_nodes, list):
         return inbound_nodes
     fixed: list[Any] = []
     for node in inbound_nodes:
-        entries = node if isinstance(node, list) else None
-        if not entries or not all(isinstance(e, list) and len(e) == 4 for e in entries):
+        entries = _legacy_entries(node)
+        kwargs = entries[-1][3] if entries else None
+        if entries is None or not (isinstance(kwargs, dict) and _has_ref(kwargs, names)):
             fixed.append(node)
             continue
-        kwargs = entries[-1][3]
-        if not (isinstance(kwargs, dict) and _has_ref(kwargs, names)):
-            fixed.append(node)
-            continue
-        inputs = [_as_tensor(list(e[:3]), names) for e in entries]
-        fixed.append(
-            {
-                "args": [inputs[0] if len(inputs) == 1 else inputs],
-                "kwargs": _as_tensor(kwargs, names),
-            }
-        )
+        inputs = [list(e[:3]) for e in entries]
+        fixed.append(_call_node([inputs[0] if len(inputs) == 1 else inputs], kwargs, names))
     return fixed
 
 
@@ -332,24 +336,13 @@ def _rnn_state_nodes(inbound_nodes: Any, names: set[str]) -> Any:
         return inbound_nodes
     fixed: list[Any] = []
     for node in inbound_nodes:
-        entries = node if isinstance(node, list) else None
-        if (
-            not entries
-            or len(entries) < 2
-            or not all(
-                isinstance(e, list) and len(e) == 4 and _is_ref(e[:3], names) for e in entries
-            )
-        ):
+        entries = _legacy_entries(node)
+        if entries is None or len(entries) < 2 or not all(_is_ref(e[:3], names) for e in entries):
             fixed.append(node)
             continue
         kwargs = dict(entries[0][3]) if isinstance(entries[0][3], dict) else {}
         kwargs["initial_state"] = [list(e[:3]) for e in entries[1:]]
-        fixed.append(
-            {
-                "args": [_as_tensor(list(entries[0][:3]), names)],
-                "kwargs": _as_tensor(kwargs, names),
-            }
-        )
+        fixed.append(_call_node([list(entries[0][:3])], kwargs, names))
     return fixed
 
 
