@@ -28,6 +28,10 @@ names `keras.src.engine.functional`). `load_keras2_keras` reads them the same wa
 
 `load_keras2_h5` rebuilds such a file from the corrected config, then loads the weights, using
 the same private scopes as Keras' own legacy loader.
+
+Safe mode: op layers resolve only exported TensorFlow names, and in safe mode only pure tensor
+operations (`check_op_name`), checked on the config as read, before any layer is built; lambdas
+are Keras' own business (refused in safe mode) and module fields of Keras 2 archives are dropped.
 """
 
 from __future__ import annotations
@@ -45,10 +49,14 @@ from typing import Any
 import keras
 import numpy as np
 
+from transferkit.errors import ModelLoadError
+
 __all__ = [
     "Keras2Lambda",
     "SlicingOpLambda",
     "TFOpLambda",
+    "check_op_layers",
+    "check_op_name",
     "is_keras2_failure",
     "keras2_config",
     "keras2_hard_sigmoid",
@@ -82,20 +90,151 @@ def is_keras2_failure(exc: BaseException) -> bool:
 # ------------------------------------------------------------------- TensorFlow op layers
 
 
-def _resolve_function(name: str) -> Any:
+# Under safe_mode an op layer may call only these: pure tensor operations, what Keras 2 models
+# built from `keras.applications` and common tutorials contain. Whole namespaces first (nothing in
+# them reads or writes files, prints, or changes global state; checked against TF 2.21), then
+# single names. Everything else TensorFlow exports (`io`, `print`, `summary`, `debugging`,
+# `py_function`, `saved_model`, `data`, `config`, `distribute`, `compat`, `raw_ops`, ...) needs
+# `safe_mode=False`.
+_SAFE_OP_NAMESPACES = (
+    "__operators__",
+    "bitwise",
+    "dtypes",
+    "image",
+    "linalg",
+    "math",
+    "nn",
+    "signal",
+)
+_SAFE_OPS = frozenset(
+    {
+        # arithmetic, comparisons, elementwise maths exported at the top level
+        *("abs", "acos", "acosh", "add", "add_n", "asin", "asinh", "atan", "atan2", "atanh"),
+        *("complex", "cos", "cosh", "cumsum", "divide", "equal", "exp", "floor", "greater"),
+        *("greater_equal", "less", "less_equal", "logical_and", "logical_not", "logical_or"),
+        *("maximum", "minimum", "multiply", "negative", "not_equal", "pow", "realdiv", "round"),
+        *("scalar_mul", "sigmoid", "sign", "sin", "sinh", "sqrt", "square", "subtract", "tan"),
+        *("tanh", "truediv", "truncatediv", "truncatemod", "clip_by_norm", "clip_by_value"),
+        # reductions and linear algebra
+        *("argmax", "argmin", "einsum", "matmul", "norm", "reduce_all", "reduce_any"),
+        *("reduce_logsumexp", "reduce_max", "reduce_mean", "reduce_min", "reduce_prod"),
+        *("reduce_sum", "tensordot", "eye"),
+        # casting and tensor creation from values
+        *("bitcast", "cast", "saturate_cast", "constant", "convert_to_tensor", "fill", "linspace"),
+        *("meshgrid", "one_hot", "ones", "ones_like", "range", "zeros", "zeros_like"),
+        # array manipulation
+        *("argsort", "batch_to_space", "boolean_mask", "broadcast_to", "concat", "ensure_shape"),
+        *("expand_dims", "gather", "gather_nd", "identity", "pad", "rank", "repeat", "reshape"),
+        *("reverse", "reverse_sequence", "roll", "scatter_nd", "searchsorted", "sequence_mask"),
+        *("shape", "size", "slice", "sort", "space_to_batch", "space_to_batch_nd", "split"),
+        *("squeeze", "stack", "stop_gradient", "strided_slice", "tensor_scatter_nd_add"),
+        *("tensor_scatter_nd_sub", "tensor_scatter_nd_update", "tile", "transpose", "unstack"),
+        *("where",),
+        # random tensors (noise layers, VAE sampling); `random.set_seed` and generators are not
+        *("random.normal", "random.uniform", "random.truncated_normal", "random.categorical"),
+        *("random.stateless_normal", "random.stateless_uniform"),
+        *("random.stateless_truncated_normal",),
+    }
+)
+
+
+def _is_safe_op(name: str) -> bool:
+    return name in _SAFE_OPS or name.split(".", 1)[0] in _SAFE_OP_NAMESPACES
+
+
+def _tf_symbol(name: str) -> Any:
+    """The TensorFlow API symbol exported as `tf.<name>`, or None.
+
+    Only exported names: TensorFlow's own export registry, which Keras 2's `TFOpLambda` resolved
+    against (private TensorFlow API, checked against TF 2.21). A path that merely exists under the
+    module (`tf._sys.exit`, `tf.math._sys`) is not one.
+    """
     import tensorflow as tf
 
-    target: Any = tf
-    for part in name.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise ValueError(
-                f"TFOpLambda calls tf.{name}, which this TensorFlow does not have; pass a "
-                "replacement with custom_objects={'TFOpLambda': ...}."
-            )
+    try:
+        from tensorflow.python.util import tf_export
+    except ImportError:  # a TensorFlow without the registry: walk the public attributes
+        target: Any = tf
+        for part in name.split("."):
+            target = getattr(target, part, None)
+        return target
+    return tf_export.get_symbol_from_name(name)
+
+
+def check_op_name(name: str, *, layer: str, safe_mode: bool) -> None:
+    """Refuses an op-layer function name that the file must not make transferkit call.
+
+    Private names (a path part starting with `_`, other than TensorFlow's exported
+    `__operators__` module) are refused whatever `safe_mode` says; with `safe_mode`, so is every
+    name outside the pure tensor operations. Nothing is resolved or called here.
+
+    Args:
+        name: the dotted name under `tf` the layer's config gives (`"math.truediv"`).
+        layer: the layer's name, for the message.
+        safe_mode: whether the file is untrusted.
+
+    Raises:
+        ModelLoadError: the name is private, or not allowed in safe mode.
+    """
+    parts = name.split(".")
+    private = [
+        p for i, p in enumerate(parts) if p.startswith("_") and (i, p) != (0, "__operators__")
+    ]
+    if not name or private or not all(parts):
+        raise ModelLoadError(
+            f"op layer {layer!r} names tf.{name}, which is not a public TensorFlow API name; "
+            "transferkit calls only exported TensorFlow functions from a file (with or without "
+            "safe_mode). The file is damaged or hostile."
+        )
+    if safe_mode and not _is_safe_op(name):
+        raise ModelLoadError(
+            f"op layer {layer!r} calls tf.{name}, which is not allowed in safe_mode: only pure "
+            "tensor operations (arithmetic, math, nn, array manipulation, image, linalg, signal, "
+            "casting, reductions) run from a file nobody vouched for. Pass safe_mode=False if "
+            "you trust the file."
+        )
+
+
+def _resolve_function(name: str) -> Any:
+    check_op_name(name, layer="?", safe_mode=False)
+    target = _tf_symbol(name)
+    if target is None:
+        raise ValueError(
+            f"TFOpLambda calls tf.{name}, which this TensorFlow does not export; pass a "
+            "replacement with custom_objects={'TFOpLambda': ...}."
+        )
     if not callable(target):
         raise ValueError(f"TFOpLambda refers to tf.{name}, which is not callable.")
     return target
+
+
+def check_op_layers(config: Any, *, safe_mode: bool) -> None:
+    """`check_op_name` for every op layer in a saved model config, nested models included.
+
+    Run on the config as read from the file, before any layer is built.
+
+    Raises:
+        ModelLoadError: an op layer names a function it must not call.
+    """
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            class_name = str(node.get("class_name", "")).rpartition(">")[2]
+            inner = node.get("config")
+            if class_name in _OP_CLASSES and isinstance(inner, dict):
+                layer = str(inner.get("name", node.get("name", "?")))
+                check_op_name(str(inner.get("function", "")), layer=layer, safe_mode=safe_mode)
+            stack.extend(node.values())
+
+
+def _effective_safe_mode() -> bool:
+    # As Keras' own Lambda: outside any loading scope (a direct `from_config`), fail closed.
+    from keras.src.saving import serialization_lib
+
+    return serialization_lib.in_safe_mode() is not False
 
 
 def _decode(value: Any) -> Any:
@@ -124,6 +263,22 @@ class TFOpLambda(keras.layers.Layer):  # type: ignore[misc]
         super().__init__(**kwargs)
         self.function = str(function)
         self._fn = _resolve_function(self.function)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TFOpLambda:
+        """The layer from its config; in safe mode only pure tensor operations (see
+        `check_op_name`), checked before anything is resolved.
+
+        Raises:
+            ModelLoadError: the config names a private function, or one that safe mode refuses.
+        """
+        check_op_name(
+            str(config.get("function", "")),
+            layer=str(config.get("name", "?")),
+            safe_mode=_effective_safe_mode(),
+        )
+        layer: TFOpLambda = super().from_config(config)
+        return layer
 
     def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("name", None)
@@ -815,7 +970,9 @@ def load_keras2_h5(
         # Files from Keras 3 never hold op layers and count nested nodes the Keras 3 way.
         version = f.attrs.get("keras_version", b"")
         version = version.decode() if hasattr(version, "decode") else str(version)
-        config = keras2_config(json.loads(raw), shift_nested=not version.startswith("3"))
+        saved = json.loads(raw)
+        check_op_layers(saved, safe_mode=safe_mode)
+        config = keras2_config(saved, shift_nested=not version.startswith("3"))
         if not safe_mode:
             _mark_global_lambdas(config)
         model = _build(config, custom_objects=custom_objects, safe_mode=safe_mode)
@@ -859,7 +1016,9 @@ def load_keras2_keras(
     import zipfile
 
     with zipfile.ZipFile(path) as archive:
-        config = keras2_config(_legacy_form(json.loads(archive.read("config.json"))))
+        saved = json.loads(archive.read("config.json"))
+        check_op_layers(saved, safe_mode=safe_mode)
+        config = keras2_config(_legacy_form(saved))
         if not safe_mode:
             _mark_global_lambdas(config)
         weights = archive.read("model.weights.h5")

@@ -52,14 +52,16 @@ def load_model(
         path: path to a `.keras` zip archive or an HDF5 (`.h5`, `.hdf5`) full-model file,
             Keras 2 files included.
         custom_objects: custom layers or functions the file refers to.
-        safe_mode: passed to Keras; `False` is needed for files with `Lambda` layers.
+        safe_mode: `True` (the default) for a file you did not write: no `Lambda` code runs
+            and Keras 2 op layers may call only pure tensor operations (see
+            docs/security.md). `False` is needed for files with `Lambda` layers.
 
     Returns:
         The loaded, uncompiled `keras.Model`.
 
     Raises:
-        ModelLoadError: the file is missing, a directory (SavedModel), of another format, or
-            unreadable.
+        ModelLoadError: the file is missing, a directory (SavedModel), of another format,
+            unreadable, or holds code that `safe_mode` refuses.
     """
     p = Path(os.fspath(path))
     if not p.exists():
@@ -83,6 +85,8 @@ def load_model(
                 model = keras.models.load_model(
                     p, compile=False, custom_objects=objects, safe_mode=safe_mode
                 )
+            except ModelLoadError:
+                raise  # refused on purpose (an op safe mode forbids): no second reading
             except Exception as exc:  # Keras raises many types for a config it cannot build.
                 if suffix == ".keras":
                     if not written_by_keras2(p):
@@ -92,6 +96,8 @@ def load_model(
                     model = load_keras2_h5(p, custom_objects=objects, safe_mode=safe_mode)
                 else:
                     raise
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"could not load model from {str(p)!r}: {exc}") from exc
     except Exception as exc:  # Keras raises many unrelated types for a bad file.
         hint = _load_hint(exc)
         raise ModelLoadError(f"could not load model from {str(p)!r}: {exc}{hint}") from exc

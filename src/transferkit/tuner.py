@@ -81,7 +81,9 @@ class FineTuner:
         batchnorm: "frozen" (default) keeps every BatchNormalization layer in inference mode with
             unchanged moving statistics, even in an unfrozen range; "train" lets them train.
         custom_objects: custom classes or functions the model file refers to.
-        safe_mode: passed to Keras when loading; False allows `Lambda` layers.
+        safe_mode: True (default) for files you did not write: no `Lambda` code runs and
+            Keras 2 op layers may call only pure tensor operations (docs/security.md).
+            False, for a file you trust, allows `Lambda` layers and any public TF op.
         strategy: a `tf.distribute.Strategy` (`MirroredStrategy`, `MultiWorkerMirroredStrategy`,
             ...): loading, copying, head building and compiling run under `strategy.scope()`,
             and `fit` trains on its replicas (`batch_size` is the global batch, as in Keras).
