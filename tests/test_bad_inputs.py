@@ -8,11 +8,13 @@ FitResult's model, and every file under the test directory exactly as they were.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py  # type: ignore[import-untyped]
 import keras
 import numpy as np
 import pytest
@@ -32,6 +34,8 @@ from transferkit import (
     TransferkitError,
 )
 from transferkit.layers import all_layers
+
+KERAS2 = Path(__file__).resolve().parent / "data" / "keras2"
 
 
 @dataclass
@@ -58,6 +62,7 @@ def env(
     (root / "truncated.h5").write_bytes(good_h5[: len(good_h5) // 2])
     good_keras = pretrained.keras_path.read_bytes()
     (root / "truncated.keras").write_bytes(good_keras[: len(good_keras) // 2])
+    _crafted_files(root, pretrained)
     (root / "a_dir").mkdir()
     (root / "a_dir" / "inside.txt").write_text("keep me")
     (root / "taken.keras").mkdir()
@@ -69,6 +74,29 @@ def env(
         x, y, epochs=1, verbose=0, checkpoint_dir=foreign
     )
     return Env(root, pretrained, x, y, result, foreign)
+
+
+def _op_file(root: Path, name: str, function: str) -> None:
+    # A Keras 2 op-layer file whose `tf.nn.relu` layer names another function.
+    target = root / name
+    shutil.copy(KERAS2 / "tf_ops.h5", target)
+    with h5py.File(target, "r+") as f:
+        raw = f.attrs["model_config"]
+        text = raw.decode() if hasattr(raw, "decode") else str(raw)
+        f.attrs["model_config"] = text.replace('"function": "nn.relu"', f'"function": "{function}"')
+
+
+def _crafted_files(root: Path, pretrained: Pretrained) -> None:
+    """Files nobody should trust (see tests/test_security.py for the full set)."""
+    _op_file(root, "writes_a_file.h5", "io.write_file")
+    _op_file(root, "private_op.h5", "_os.getpid")
+    lam = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda x: x * 2.0)])
+    lam.save(root / "lambda.keras")
+    objects = np.empty(1, dtype=object)
+    objects[0] = {"pickled": True}
+    np.savez(root / "pickled_adapters.npz", weights=objects)
+    shutil.copy(pretrained.keras_path, root / "bad_record.keras")
+    (root / "bad_record.keras.transferkit.json").write_text('{"model_file": ["rm -rf"]}')
 
 
 def raw(env: Env) -> FineTuner:
@@ -423,6 +451,42 @@ CASES: list[Case] = [
         lambda t, e: FineTuner(e.root / "a_dir"),
         ModelLoadError,
         "is a directory",
+    ),
+    # --- files nobody should trust
+    (
+        "op layer with a side effect",
+        nothing,
+        lambda t, e: FineTuner(e.root / "writes_a_file.h5"),
+        ModelLoadError,
+        r"'tf.nn.relu' calls tf.io.write_file, which is not allowed in safe_mode.*safe_mode=False",
+    ),
+    (
+        "op layer naming a private name",
+        nothing,
+        lambda t, e: FineTuner(e.root / "private_op.h5", safe_mode=False),
+        ModelLoadError,
+        "tf._os.getpid, which is not a public TensorFlow API name",
+    ),
+    (
+        "Lambda code in safe mode",
+        nothing,
+        lambda t, e: FineTuner(e.root / "lambda.keras"),
+        ModelLoadError,
+        "Lambda.*safe_mode=False if you trust it",
+    ),
+    (
+        "pickled adapter file",
+        raw,
+        lambda t, e: t.load_adapters(e.root / "pickled_adapters.npz"),
+        ModelLoadError,
+        "cannot read adapter file .*Object arrays cannot be loaded",
+    ),
+    (
+        "damaged provenance record",
+        nothing,
+        lambda t, e: transferkit.load(e.root / "bad_record.keras"),
+        ModelLoadError,
+        "bad_record.keras.transferkit.json.* is damaged",
     ),
     (
         "number as model",

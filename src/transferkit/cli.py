@@ -1,15 +1,16 @@
 """The `transferkit` command line: inspect a model, fine-tune it on `.npz` data, run the demo.
 
 ```text
-transferkit inspect MODEL
+transferkit inspect MODEL [--unsafe]
 transferkit fit MODEL --data TRAIN.npz [--val VAL.npz] [--freeze-until REF]
                 [--head classify:N|regression[:OUTPUTS]] [--lr 1e-4] [--epochs N]
-                [--batch-size N] [--cache auto|on|off] --out OUT.keras
+                [--batch-size N] [--cache auto|on|off] [--unsafe] --out OUT.keras
 transferkit demo [DEMO ARGS...]
 ```
 
 Data files are NumPy `.npz` archives with two arrays, `x` (inputs) and `y` (targets):
-`np.savez("train.npz", x=images, y=labels)`.
+`np.savez("train.npz", x=images, y=labels)`; they are read without pickles. Models load in Keras'
+safe mode (no `Lambda` code, only pure TensorFlow ops in Keras 2 op layers) unless `--unsafe`.
 
 Exit codes: 0 on success; 2 for bad arguments or input transferkit refuses (one line on
 stderr: `transferkit <command>: error: ...`); 130 when interrupted; 1 for anything else (a bug,
@@ -91,6 +92,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_unsafe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="load MODEL with safe_mode=False: runs the Lambda code and any TensorFlow op the "
+        "file names. Only for files you trust (see docs/security.md)",
+    )
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog="transferkit",
@@ -107,6 +117,7 @@ def _build_parser() -> _Parser:
         "counts, its output activation and the loss transferkit would infer for it.",
     )
     inspect.add_argument("model", metavar="MODEL", help="a .keras or .h5 model file")
+    _add_unsafe(inspect)
 
     fit = commands.add_parser(
         "fit",
@@ -140,6 +151,7 @@ def _build_parser() -> _Parser:
         help="frozen-prefix feature cache: auto (when exact), on (require it), off",
     )
     fit.add_argument("--out", required=True, metavar="OUT.keras", help="where to save (.keras/.h5)")
+    _add_unsafe(fit)
 
     commands.add_parser(
         "demo",
@@ -228,7 +240,7 @@ def _inspect(args: argparse.Namespace) -> int:
     _existing_file(args.model, "MODEL")
     from transferkit import FineTuner
 
-    tuner = FineTuner(args.model)
+    tuner = FineTuner(args.model, safe_mode=not args.unsafe)
     tuner.print_summary()
     activation, loss = _describe_loss(tuner.model)
     print(f"Output activation: {activation}")
@@ -243,7 +255,7 @@ def _fit(args: argparse.Namespace) -> int:
     _check_out(args.out)
     from transferkit import FineTuner
 
-    tuner = FineTuner(args.model)
+    tuner = FineTuner(args.model, safe_mode=not args.unsafe)
     if args.freeze_until is not None:
         tuner.freeze_until(args.freeze_until)
     if args.head is not None:
@@ -353,5 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(exc, TransferkitError):
             raise
         message = " ".join(str(exc).split())
+        if "safe_mode=False" in message:
+            message += " (on the command line: --unsafe)"
         print(f"transferkit {command}: error: {message}".replace("  ", " "), file=sys.stderr)
         return _EXIT_USAGE

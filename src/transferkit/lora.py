@@ -417,16 +417,41 @@ def read_adapters(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[st
     raw = arrays.pop(_HEADER_KEY, None)
     try:
         header = json.loads(bytes(raw).decode()) if raw is not None else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json can read
         header = {}
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ModelLoadError(f"{str(p)!r} is not a transferkit LoRA adapter file.")
     if header.get("version") != _VERSION:
         raise ModelLoadError(
             f"{str(p)!r} has adapter format version {header.get('version')!r}; this transferkit "
             f"reads version {_VERSION}."
         )
+    problem = _header_problem(header)
+    if problem is not None:
+        raise ModelLoadError(f"adapter file {str(p)!r} is damaged: its header {problem}.")
     return header, arrays
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _header_problem(header: Mapping[str, Any]) -> str | None:
+    # The header comes from the file: every field is checked before anything acts on it.
+    rank, alpha = header.get("rank"), header.get("alpha")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        return f"has rank {rank!r} (expected a positive int)"
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
+        return f"has alpha {alpha!r} (expected a positive number)"
+    for key in ("head", "targets", "adapters"):
+        if not _is_str_list(header.get(key)):
+            return f"field {key!r} is not a list of names"
+    base = header.get("base")
+    if not (isinstance(base, dict) and all(isinstance(v, str) for v in base.values())):
+        return "field 'base' is not a mapping of variable names to checksums"
+    if header.get("head_spec") is not None and not isinstance(header["head_spec"], dict):
+        return "field 'head_spec' is not a mapping"
+    return None
 
 
 def load_adapters(

@@ -177,7 +177,8 @@ def load(
     Args:
         path: the `.keras` or `.h5` file.
         custom_objects: custom classes the file refers to.
-        safe_mode: passed to Keras; False allows `Lambda` layers.
+        safe_mode: as for `FineTuner`; False allows `Lambda` layers and any public
+            TensorFlow op in Keras 2 op layers.
 
     Returns:
         `(model, provenance)`: the uncompiled model and the record as a dictionary (empty when
@@ -202,13 +203,18 @@ def load(
         return model, {}
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelLoadError(
             f"cannot read the provenance record {str(record_path)!r}: {exc}"
         ) from exc
     if not isinstance(record, dict):
         raise ModelLoadError(f"{str(record_path)!r} is not a transferkit provenance record.")
-    stored = record.get("model_file", {}).get("sha256")
+    model_file = record.get("model_file", {})
+    if not isinstance(model_file, dict):
+        raise ModelLoadError(
+            f"{str(record_path)!r} is damaged: its 'model_file' entry is not a mapping."
+        )
+    stored = model_file.get("sha256")
     if stored and stored != file_sha256(path):
         warnings.warn(
             f"the provenance record {str(record_path)!r} describes a different file than "
