@@ -31,7 +31,7 @@ from transferkit import (
     SaveError,
     TransferkitError,
 )
-from transferkit.layers import all_layers
+from transferkit.model.layers import all_layers
 
 
 @dataclass

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from transferkit.errors import ConfigError, DataError
-from transferkit.graph import input_paths
+from transferkit.model.graph import input_paths
 
 __all__ = [
     "LabelRule",

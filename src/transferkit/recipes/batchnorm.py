@@ -21,10 +21,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.data import is_array_like
+from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError
-from transferkit.graph import Recorded, fresh_inputs, replay
-from transferkit.layers import all_layers, is_batchnorm
+from transferkit.model.graph import Recorded, fresh_inputs, replay
+from transferkit.model.layers import all_layers, is_batchnorm
 
 __all__ = ["Moments", "adapt_batchnorm", "batchnorm_inputs", "iterate_inputs"]
 

@@ -18,8 +18,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.compiling import check_learning_rate
-from transferkit.data import is_array_like
+from transferkit.compile.spec import check_learning_rate
+from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError, MissingExtraError
 
 __all__ = ["LRFinder", "run_lr_finder", "suggest"]
@@ -98,7 +98,7 @@ class LRFinder:
         raw_losses: the training loss of each batch, before the step was applied.
         diverged: the sweep stopped early because the smoothed loss exceeded 4x its best value,
             or a loss was NaN or infinite. The last point is then the diverging one.
-        suggestions: "steep", "valley" and "minimum" (see `transferkit.lr_finder.suggest`),
+        suggestions: "steep", "valley" and "minimum" (see `transferkit.recipes.lr_finder.suggest`),
             computed on the points before a divergence.
     """
 

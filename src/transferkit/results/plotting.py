@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import MissingExtraError, SaveError
-from transferkit.summary import LayerRow
+from transferkit.results.summary import LayerRow
 
 __all__ = ["STATE_COLORS", "leaf_rows", "metric_names", "plot_history", "plot_layers"]
 

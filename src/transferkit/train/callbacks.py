@@ -15,9 +15,11 @@ from typing import Any, Protocol
 
 import keras
 
-from transferkit.compiling import CompileSpec, make_optimizer
+from transferkit._utils.checks import check_positive_number
+from transferkit.compile.lr_groups import scaled_optimizer
+from transferkit.compile.spec import CompileSpec, make_optimizer
 from transferkit.errors import ConfigError
-from transferkit.layers import (
+from transferkit.model.layers import (
     BatchNormPolicy,
     LayerRef,
     apply_flags,
@@ -26,9 +28,7 @@ from transferkit.layers import (
     is_batchnorm,
     leaf_layers,
 )
-from transferkit.lora import check_flags_editable
-from transferkit.lr_groups import scaled_optimizer
-from transferkit.validation import check_positive_number
+from transferkit.recipes.lora import check_flags_editable
 
 __all__ = ["GradualUnfreezing", "TunerLike", "UnfreezeAt", "bind_callbacks"]
 
