@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError
@@ -121,8 +122,6 @@ def iterate_inputs(x: Any, batch_size: int, steps: int | None) -> Iterator[Any]:
     Raises:
         DataError: `x` is empty or of an unsupported type.
     """
-    import tensorflow as tf
-
     if isinstance(x, tf.data.Dataset):
         source: Any = x
         if steps is not None:
