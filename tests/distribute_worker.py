@@ -89,7 +89,7 @@ def mirrored(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
 
 
 def multiworker(model_path: str, x: np.ndarray, y: np.ndarray, out: Path) -> None:
-    from transferkit.distribution import is_chief, worker_path
+    from transferkit.train.distribution import is_chief, worker_path
 
     # Reads TF_CONFIG; create it before any other TensorFlow op of the process.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()

@@ -33,7 +33,7 @@ from transferkit import (
     SaveError,
     TransferkitError,
 )
-from transferkit.layers import all_layers
+from transferkit.model.layers import all_layers
 
 KERAS2 = Path(__file__).resolve().parent / "data" / "keras2"
 

@@ -14,8 +14,8 @@ import tensorflow as tf
 from conftest import Digits, Pretrained
 
 from transferkit import FineTuner
-from transferkit.cache import cut_frontier, dataset_randomness, layer_blocker, plan_cache
 from transferkit.errors import ConfigError
+from transferkit.train.cache import cut_frontier, dataset_randomness, layer_blocker, plan_cache
 
 FIT = {"epochs": 3, "batch_size": 16, "verbose": 0}
 

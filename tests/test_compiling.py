@@ -8,7 +8,7 @@ import pytest
 from conftest import Pretrained, weights_of
 
 from transferkit import ConfigError, FineTuner
-from transferkit.compiling import infer_loss, optimizer_factory, output_activation, sgd_factory
+from transferkit.compile.spec import infer_loss, optimizer_factory, output_activation, sgd_factory
 
 
 def _tiny(activation: str | None, units: int, softmax_layer: bool = False) -> keras.Model:

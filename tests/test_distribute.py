@@ -24,7 +24,7 @@ import pytest
 import tensorflow as tf
 
 from transferkit import ConfigError, FineTuner
-from transferkit.distribution import (
+from transferkit.train.distribution import (
     check_strategy,
     foreign_variables,
     in_scope,

@@ -8,7 +8,7 @@ import pytest
 from conftest import Pretrained, weights_of
 
 from transferkit import ConfigError, FineTuner, LayerNotFoundError
-from transferkit.heads import build_head, default_cut
+from transferkit.model.heads import build_head, default_cut
 
 
 def test_default_cut_drops_the_output_layer_and_a_trailing_softmax() -> None:

@@ -8,7 +8,7 @@ import pytest
 from conftest import Pretrained, build_cnn, weights_of
 
 from transferkit import FineTuner, LayerNotFoundError
-from transferkit.layers import all_layers, leaf_layers, resolve, select, top_layers
+from transferkit.model.layers import all_layers, leaf_layers, resolve, select, top_layers
 
 
 def _flags(model: keras.Model) -> dict[str, bool]:

@@ -14,8 +14,8 @@ import pytest
 from conftest import Pretrained, build_cnn, weights_of
 
 from transferkit import ConfigError, DataError, FineTuner, LayerNotFoundError, ModelLoadError
-from transferkit.keras2 import keras2_config, keras2_hard_sigmoid
-from transferkit.loading import copy_model, keras2_nested_config, load_model, to_functional
+from transferkit.model.keras2 import keras2_config, keras2_hard_sigmoid
+from transferkit.model.loading import copy_model, keras2_nested_config, load_model, to_functional
 
 KERAS2 = Path(__file__).parent / "data" / "keras2"
 KERAS2_FILES = sorted(p.stem for p in KERAS2.glob("*.h5"))

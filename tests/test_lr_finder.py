@@ -17,7 +17,7 @@ from transferkit import (
     MissingExtraError,
     NotCompiledError,
 )
-from transferkit.lr_finder import suggest
+from transferkit.recipes.lr_finder import suggest
 
 
 def _snapshot(variables: list[keras.Variable]) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import transferkit.cache as cache_module
+import transferkit.train.cache as cache_module
 from transferkit import ConfigError, DataError, FineTuner
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

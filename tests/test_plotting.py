@@ -12,8 +12,8 @@ import pytest
 from conftest import Digits, Pretrained
 
 from transferkit import FineTuner, FitResult, MissingExtraError
-from transferkit.plotting import leaf_rows, metric_names
-from transferkit.summary import layer_rows
+from transferkit.results.plotting import leaf_rows, metric_names
+from transferkit.results.summary import layer_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

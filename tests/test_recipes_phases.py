@@ -526,6 +526,6 @@ def test_unfreeze_errors(pretrained: Pretrained, few_shot: FewShot) -> None:
 
 
 def test_exports() -> None:
-    assert transferkit.callbacks.GradualUnfreezing is GradualUnfreezing
-    assert transferkit.callbacks.UnfreezeAt is UnfreezeAt
+    assert transferkit.train.callbacks.GradualUnfreezing is GradualUnfreezing
+    assert transferkit.train.callbacks.UnfreezeAt is UnfreezeAt
     assert GradualUnfreezing.changes_trainable and UnfreezeAt.changes_trainable

@@ -19,8 +19,8 @@ from conftest import Pretrained, few_shot_split
 
 import transferkit
 from transferkit import CheckpointError, FineTuner
-from transferkit.provenance import file_sha256
-from transferkit.training import FitOptions, run_fit
+from transferkit.results.provenance import file_sha256
+from transferkit.train.fit import FitOptions, run_fit
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

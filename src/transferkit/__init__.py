@@ -26,21 +26,21 @@ from transferkit.errors import (
 
 if TYPE_CHECKING:
     from transferkit import callbacks
-    from transferkit.callbacks import GradualUnfreezing, UnfreezeAt
-    from transferkit.heads import HeadSpec
-    from transferkit.lr_finder import LRFinder
-    from transferkit.provenance import load
-    from transferkit.result import FitResult
+    from transferkit.model.heads import HeadSpec
+    from transferkit.recipes.lr_finder import LRFinder
+    from transferkit.results.provenance import load
+    from transferkit.results.result import FitResult
+    from transferkit.train.callbacks import GradualUnfreezing, UnfreezeAt
     from transferkit.tuner import FineTuner
 
 _LAZY = {
     "FineTuner": "transferkit.tuner",
-    "FitResult": "transferkit.result",
-    "GradualUnfreezing": "transferkit.callbacks",
-    "HeadSpec": "transferkit.heads",
-    "LRFinder": "transferkit.lr_finder",
-    "UnfreezeAt": "transferkit.callbacks",
-    "load": "transferkit.provenance",
+    "FitResult": "transferkit.results.result",
+    "GradualUnfreezing": "transferkit.train.callbacks",
+    "HeadSpec": "transferkit.model.heads",
+    "LRFinder": "transferkit.recipes.lr_finder",
+    "UnfreezeAt": "transferkit.train.callbacks",
+    "load": "transferkit.results.provenance",
 }
 
 __all__ = [

@@ -222,7 +222,7 @@ def _print_pairs(title: str, pairs: Sequence[tuple[str, str]]) -> None:
 
 
 def _describe_loss(model: Any) -> tuple[str, str]:
-    from transferkit.compiling import infer_loss, output_activation
+    from transferkit.compile.spec import infer_loss, output_activation
     from transferkit.errors import TransferkitError
 
     activation = output_activation(model)

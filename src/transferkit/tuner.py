@@ -13,10 +13,8 @@ import keras
 import numpy as np
 from typing_extensions import Self
 
-from transferkit import batchnorm as _batchnorm
-from transferkit import lora as _lora
-from transferkit.callbacks import bind_callbacks
-from transferkit.compiling import (
+from transferkit.compile.lr_groups import LRGroups, check_lr_groups
+from transferkit.compile.spec import (
     CompileSpec,
     OptimizerFactory,
     check_logits_match,
@@ -26,11 +24,10 @@ from transferkit.compiling import (
     optimizer_factory,
     sgd_factory,
 )
-from transferkit.data import check_fit_data, is_array_like, label_rule
-from transferkit.distribution import in_scope, prepare_model, resolve_strategy
+from transferkit.data.checks import check_fit_data, is_array_like, label_rule
 from transferkit.errors import ConfigError, NotCompiledError
-from transferkit.heads import HeadSpec, Pool, build_head
-from transferkit.layers import (
+from transferkit.model.heads import HeadSpec, Pool, build_head
+from transferkit.model.layers import (
     BatchNormPolicy,
     LayerRef,
     Selector,
@@ -41,20 +38,13 @@ from transferkit.layers import (
     select,
     set_trainable_plan,
 )
-from transferkit.loading import copy_model, load_model, to_functional
-from transferkit.lr_finder import LRFinder, run_lr_finder
-from transferkit.lr_groups import LRGroups, check_lr_groups
-from transferkit.phases import (
-    check_phase_args,
-    full_phase_plan,
-    head_layers,
-    head_phase_plan,
-    join_results,
-    leaf_flags,
-)
-from transferkit.provenance import file_sha256, fit_context
-from transferkit.result import FitResult
-from transferkit.summary import (
+from transferkit.model.loading import copy_model, load_model, to_functional
+from transferkit.recipes import batchnorm as _batchnorm
+from transferkit.recipes import lora as _lora
+from transferkit.recipes.lr_finder import LRFinder, run_lr_finder
+from transferkit.results.provenance import file_sha256, fit_context
+from transferkit.results.result import FitResult
+from transferkit.results.summary import (
     count_params,
     layer_rows,
     print_summary,
@@ -62,7 +52,17 @@ from transferkit.summary import (
     render_rich,
     render_summary,
 )
-from transferkit.training import FitOptions, run_fit
+from transferkit.train.callbacks import bind_callbacks
+from transferkit.train.distribution import in_scope, prepare_model, resolve_strategy
+from transferkit.train.fit import FitOptions, run_fit
+from transferkit.train.phases import (
+    check_phase_args,
+    full_phase_plan,
+    head_layers,
+    head_phase_plan,
+    join_results,
+    leaf_flags,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -722,7 +722,7 @@ class FineTuner:
                 "find_lr needs a compiled FineTuner (its optimizer configuration is reused): "
                 "call .compile_sgd(lr=...) or .compile(optimizer) first."
             )
-        from transferkit.lr_finder import check_sweep
+        from transferkit.recipes.lr_finder import check_sweep
 
         check_sweep(start_lr, end_lr, steps, batch_size)
         one_hot = spec.loss_inferred and self._one_hot_labels(y)
@@ -902,7 +902,7 @@ class FineTuner:
             MissingExtraError: matplotlib is not installed (`pip install "transferkit[plot]"`).
             SaveError: `path` cannot be written.
         """
-        from transferkit.plotting import plot_layers
+        from transferkit.results.plotting import plot_layers
 
         rows = layer_rows(self._model, new_layers=self._new_layers())
         return plot_layers(rows, title=self._model.name, path=path)

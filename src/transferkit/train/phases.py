@@ -9,11 +9,11 @@ from collections.abc import Mapping, Sequence
 
 import keras
 
+from transferkit._utils.checks import check_positive_number
 from transferkit.errors import ConfigError
-from transferkit.heads import HeadSpec, default_cut
-from transferkit.layers import leaf_layers, resolve, top_layers
-from transferkit.result import FitResult
-from transferkit.validation import check_positive_number
+from transferkit.model.heads import HeadSpec, default_cut
+from transferkit.model.layers import leaf_layers, resolve, top_layers
+from transferkit.results.result import FitResult
 
 __all__ = [
     "check_phase_args",

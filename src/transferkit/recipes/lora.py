@@ -33,6 +33,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from transferkit._utils.checks import check_positive_number
 from transferkit.errors import (
     AdapterMismatchError,
     ConfigError,
@@ -40,8 +41,8 @@ from transferkit.errors import (
     ModelLoadError,
     SaveError,
 )
-from transferkit.graph import is_container
-from transferkit.layers import (
+from transferkit.model.graph import is_container
+from transferkit.model.layers import (
     BatchNormPolicy,
     Selector,
     all_layers,
@@ -50,7 +51,6 @@ from transferkit.layers import (
     select,
     top_layers,
 )
-from transferkit.validation import check_positive_number
 
 __all__ = [
     "FORMAT",

@@ -1,26 +1,28 @@
-"""Running a fit: the one place that calls `model.fit` and turns its History into a result.
+"""Running a fit: the one place that calls an executor and turns its history into a result.
 
 A fit is an *executor* (plain `model.fit`, or the frozen-prefix feature cache, which trains on
 cached features) wrapped by the run-level concerns (checkpoints, interrupts, divergence).
+This module sits above both executors, so the cache builds on `train.executor` without a circle.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
 import keras
 
-from transferkit.data import check_fit_arguments
+from transferkit.data.checks import check_fit_arguments
 from transferkit.errors import ConfigError
-from transferkit.guards import guarded_fit
-from transferkit.result import FitResult
-from transferkit.summary import count_params
+from transferkit.results.result import FitResult
+from transferkit.results.summary import count_params
+from transferkit.train.cache import make_cached_executor
+from transferkit.train.executor import Executor, ExecutorResult, plain_executor
+from transferkit.train.guards import guarded_fit
 
-__all__ = ["ExecutorResult", "FitOptions", "plain_executor", "run_fit"]
+__all__ = ["CacheMode", "FitOptions", "run_fit"]
 
 CacheMode = bool | str
 
@@ -46,33 +48,10 @@ class FitOptions:
     phase: str = "fit"
 
 
-@dataclass
-class ExecutorResult:
-    """What an executor returns: the Keras history and how it trained."""
-
-    history: dict[str, list[float]]
-    cached: bool = False
-    cache_layer: str | None = None
-
-
-Executor = Callable[[keras.Model, Any, Any, dict[str, Any]], ExecutorResult]
-
-
-def plain_executor(
-    model: keras.Model, x: Any, y: Any, fit_kwargs: dict[str, Any]
-) -> ExecutorResult:
-    """Plain `model.fit`."""
-    history = model.fit(x, y, **fit_kwargs)
-    return ExecutorResult(history=dict(history.history))
-
-
 def _choose_executor(options: FitOptions) -> Executor:
     if options.cache is False:
         return plain_executor
     if options.cache is True or options.cache == "auto":
-        # Imported here: cache.py builds on this module's ExecutorResult and plain_executor.
-        from transferkit.cache import make_cached_executor
-
         return make_cached_executor(True if options.cache is True else "auto", options.cache_memory)
     raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
 

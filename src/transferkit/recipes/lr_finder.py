@@ -17,9 +17,10 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from transferkit.compiling import check_learning_rate
-from transferkit.data import is_array_like
+from transferkit.compile.spec import check_learning_rate
+from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError, MissingExtraError
 
 __all__ = ["LRFinder", "run_lr_finder", "suggest"]
@@ -98,7 +99,7 @@ class LRFinder:
         raw_losses: the training loss of each batch, before the step was applied.
         diverged: the sweep stopped early because the smoothed loss exceeded 4x its best value,
             or a loss was NaN or infinite. The last point is then the diverging one.
-        suggestions: "steep", "valley" and "minimum" (see `transferkit.lr_finder.suggest`),
+        suggestions: "steep", "valley" and "minimum" (see `transferkit.recipes.lr_finder.suggest`),
             computed on the points before a divergence.
     """
 
@@ -195,8 +196,6 @@ def with_learning_rate(
 
 
 def _batches(x: Any, y: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
-    import tensorflow as tf
-
     if isinstance(x, tf.data.Dataset):
         if y is not None:
             raise DataError("find_lr: pass labels inside the dataset, not as y.")
@@ -238,7 +237,6 @@ def _distributed_step(
 ) -> Callable[[Any, Any, Any], Any]:
     """`train_step` run on every replica of `strategy`, each on its slice of the batch; returns
     the mean of the replicas' losses."""
-    import tensorflow as tf
 
     def replicated(xb: Any, yb: Any, sw: Any) -> Any:
         per_replica = strategy.run(train_step, args=(xb, yb, sw))
@@ -277,14 +275,12 @@ def run_lr_finder(
     """Runs the sweep on `model` and restores every model variable afterwards.
 
     See `FineTuner.find_lr`; `loss` is one loss (object, name or callable) for a single output.
+    The sweep arguments must have passed `check_sweep` (`find_lr` checks them before the data).
 
     Raises:
-        ConfigError: invalid arguments or an optimizer without a learning rate.
+        ConfigError: a multi-output model, or an optimizer without a learning rate.
         DataError: missing or empty data.
     """
-    import tensorflow as tf
-
-    check_sweep(start_lr, end_lr, steps, batch_size)
     if len(model.outputs) != 1:
         raise ConfigError("find_lr supports single-output models.")
     loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss

@@ -11,8 +11,8 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
-from transferkit.graph import is_container
-from transferkit.layers import top_layers
+from transferkit.model.graph import is_container
+from transferkit.model.layers import top_layers
 
 __all__ = [
     "LayerRow",

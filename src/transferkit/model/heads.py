@@ -9,8 +9,8 @@ from typing import Any, Literal
 import keras
 
 from transferkit.errors import ConfigError
-from transferkit.graph import Recorded, derived_model, fresh_inputs, replay
-from transferkit.layers import LayerRef, all_layers, resolve, top_layers
+from transferkit.model.graph import Recorded, derived_model, fresh_inputs, replay
+from transferkit.model.layers import LayerRef, all_layers, resolve, top_layers
 
 __all__ = ["HeadSpec", "build_head", "default_cut"]
 

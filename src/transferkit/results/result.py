@@ -179,8 +179,8 @@ class FitResult:
             ConfigError: unsupported file suffix.
             SaveError: the file could not be written; an existing file at `path` is kept.
         """
-        from transferkit.lora import has_lora, merged_copy
-        from transferkit.provenance import write_provenance
+        from transferkit.recipes.lora import has_lora, merged_copy
+        from transferkit.results.provenance import write_provenance
 
         # A LoRA model saves as a plain one with the adapters merged (Keras cannot reload an
         # .h5 of a LoRA model; a .keras one reloads with zeroed adapters). The live model keeps
@@ -209,7 +209,7 @@ class FitResult:
             ConfigError: the fit did not use LoRA, or `path` does not end in `.npz`.
             SaveError: the file could not be written.
         """
-        from transferkit.lora import save_adapters
+        from transferkit.recipes.lora import save_adapters
 
         config = self.extras.get("lora")
         if config is None:
@@ -234,7 +234,7 @@ class FitResult:
             MissingExtraError: matplotlib is not installed (`pip install "transferkit[plot]"`).
             SaveError: `path` cannot be written.
         """
-        from transferkit.plotting import plot_history
+        from transferkit.results.plotting import plot_history
 
         return plot_history(
             self.history,

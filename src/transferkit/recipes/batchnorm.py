@@ -20,11 +20,12 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from transferkit.data import is_array_like
+from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError
-from transferkit.graph import Recorded, fresh_inputs, replay
-from transferkit.layers import all_layers, is_batchnorm
+from transferkit.model.graph import Recorded, fresh_inputs, replay
+from transferkit.model.layers import all_layers, is_batchnorm
 
 __all__ = ["Moments", "adapt_batchnorm", "batchnorm_inputs", "iterate_inputs"]
 
@@ -121,8 +122,6 @@ def iterate_inputs(x: Any, batch_size: int, steps: int | None) -> Iterator[Any]:
     Raises:
         DataError: `x` is empty or of an unsupported type.
     """
-    import tensorflow as tf
-
     if isinstance(x, tf.data.Dataset):
         source: Any = x
         if steps is not None:

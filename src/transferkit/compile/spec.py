@@ -12,10 +12,10 @@ from typing import Any
 
 import keras
 
+from transferkit._utils.checks import check_positive_number
+from transferkit.compile.lr_groups import LRGroups, build_optimizer
 from transferkit.errors import ConfigError
-from transferkit.heads import HeadSpec
-from transferkit.lr_groups import LRGroups, build_optimizer
-from transferkit.validation import check_positive_number
+from transferkit.model.heads import HeadSpec
 
 __all__ = [
     "CompileSpec",

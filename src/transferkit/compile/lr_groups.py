@@ -18,9 +18,9 @@ from typing import Any
 
 import keras
 
+from transferkit._utils.checks import check_positive_number
 from transferkit.errors import ConfigError
-from transferkit.layers import Selector, leaf_layers, select
-from transferkit.validation import check_positive_number
+from transferkit.model.layers import Selector, leaf_layers, select
 
 __all__ = [
     "LRGroups",

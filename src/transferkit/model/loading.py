@@ -18,8 +18,8 @@ from typing import Any
 import keras
 
 from transferkit.errors import ConfigError, ModelLoadError
-from transferkit.graph import fresh_inputs, graph_inputs, quiet_dict_inputs, replay
-from transferkit.keras2 import (
+from transferkit.model.graph import fresh_inputs, graph_inputs, quiet_dict_inputs, replay
+from transferkit.model.keras2 import (
     h5_written_by_keras2,
     is_keras2_failure,
     keras2_nested_config,

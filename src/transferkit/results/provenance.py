@@ -20,9 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.checkpoints import atomic_write_bytes, hash_arrays
 from transferkit.errors import ModelLoadError, SaveError
-from transferkit.layers import leaf_layers
+from transferkit.model.layers import leaf_layers
+from transferkit.results.checkpoints import atomic_write_bytes, hash_arrays
 
 __all__ = [
     "PROVENANCE_SUFFIX",
@@ -195,7 +195,7 @@ def load(
     info["base_model"]["sha256"], info["history"]["loss"][-1]
     ```
     """
-    from transferkit.loading import load_model
+    from transferkit.model.loading import load_model
 
     model = load_model(path, custom_objects=custom_objects, safe_mode=safe_mode)
     record_path = provenance_path(path)

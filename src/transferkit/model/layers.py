@@ -16,7 +16,7 @@ from typing import Literal, TypeAlias
 import keras
 
 from transferkit.errors import ConfigError, LayerNotFoundError
-from transferkit.graph import is_container
+from transferkit.model.graph import is_container
 
 __all__ = [
     "BatchNormPolicy",

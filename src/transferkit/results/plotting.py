@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import MissingExtraError, SaveError
-from transferkit.summary import LayerRow
+from transferkit.results.summary import LayerRow
 
 __all__ = ["STATE_COLORS", "leaf_rows", "metric_names", "plot_history", "plot_layers"]
 
@@ -65,7 +65,7 @@ def _save(fig: Any, path: str | os.PathLike[str] | None) -> None:
     if path is None:
         return
     target = Path(os.fspath(path))
-    if target.parent != Path("") and not target.parent.is_dir():
+    if not target.parent.is_dir():  # "x.png" has the parent ".", which exists
         raise SaveError(
             f"cannot save the plot to {str(target)!r}: directory {str(target.parent)!r} "
             "does not exist."

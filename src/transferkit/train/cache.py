@@ -39,10 +39,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from transferkit.distribution import prepare_model
 from transferkit.errors import ConfigError
-from transferkit.graph import derived_model, fresh_inputs, replay
-from transferkit.training import Executor, ExecutorResult, plain_executor
+from transferkit.model.graph import derived_model, fresh_inputs, replay
+from transferkit.train.distribution import prepare_model
+from transferkit.train.executor import Executor, ExecutorResult, plain_executor
 
 __all__ = [
     "CachePlan",

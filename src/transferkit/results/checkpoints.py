@@ -41,7 +41,7 @@ import keras
 import numpy as np
 
 from transferkit.errors import CheckpointError
-from transferkit.layers import leaf_layers
+from transferkit.model.layers import leaf_layers
 
 __all__ = [
     "CheckpointStore",

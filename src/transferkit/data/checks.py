@@ -12,9 +12,10 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from transferkit.errors import ConfigError, DataError
-from transferkit.graph import input_paths
+from transferkit.model.graph import input_paths
 
 __all__ = [
     "LabelRule",
@@ -40,10 +41,6 @@ def is_array_like(x: object) -> bool:
 
 
 def _is_dataset(x: object) -> bool:
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover - tensorflow is a dependency
-        return False
     return isinstance(x, tf.data.Dataset)
 
 
@@ -214,8 +211,6 @@ def _check_labels(y: Any, n: int, rule: LabelRule, model: keras.Model, what: str
 
 
 def _check_dataset_spec(model: keras.Model, ds: Any, what: str) -> None:
-    import tensorflow as tf
-
     card = int(ds.cardinality())
     if card == 0:
         raise DataError(f"{what}: the dataset is empty.")
