@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from transferkit import ConfigError, FineTuner, LayerNotFoundError
+from transferkit.cache import plan_cache
 from transferkit.heads import build_head, classifier_layers, default_cut
 from transferkit.phases import head_layers
 
@@ -206,6 +207,18 @@ def test_hub_resnet_backbone_keeps_every_layer_and_trains_a_head() -> None:
     fit_moves_the_head(tuner, x, y)
 
 
+def test_hub_tasks_lose_their_classifier_dense_only() -> None:
+    image_task = keras_hub.models.ImageClassifier(backbone=hub_resnet(), num_classes=4)
+    cut = default_cut(image_task)
+    assert cut.name == "output_dropout" and [layer.name for layer in cut.removed] == ["predictions"]
+    assert dropped(image_task)[0] == {"predictions"}
+    text_task = keras_hub.models.BertTextClassifier(
+        backbone=tiny_bert(), num_classes=3, preprocessor=None
+    )
+    assert dropped(text_task)[0] == {"logits"}
+    assert default_cut(text_task).name == "classifier_dropout"
+
+
 def test_hub_dinov2_head_goes_on_the_final_norm() -> None:
     dino = keras_hub.models.DINOV2Backbone(
         patch_size=14,
@@ -225,6 +238,11 @@ def test_hub_dinov2_head_goes_on_the_final_norm() -> None:
     # layer to cut at instead.
     with pytest.raises(ConfigError, match=r"'encoder' returns \d tensors .*'layernorm'"):
         build_head(dino, num_classes=3, at="encoder")
+    # Its Dropout layers have rate 0: a frozen DINOv2 is cached through the encoder.
+    tuner = FineTuner(dino).freeze_until("layernorm").replace_head(3, hidden=(), pool="avg")
+    plan = plan_cache(tuner.model)
+    assert not isinstance(plan, str)
+    assert plan.cut_layer == "encoder" and plan.prefix_layers == ["embeddings", "encoder"]
 
 
 def tiny_bert() -> keras.Model:
