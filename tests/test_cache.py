@@ -194,6 +194,46 @@ def test_dropout_in_the_prefix_moves_the_cut(
     assert result.cached and result.cache_layer == "fc2"
 
 
+def test_dropout_family_at_rate_zero_is_deterministic() -> None:
+    for inert in (
+        keras.layers.Dropout(0.0),
+        keras.layers.SpatialDropout1D(0.0),
+        keras.layers.SpatialDropout2D(0.0),
+        keras.layers.SpatialDropout3D(0.0),
+        keras.layers.AlphaDropout(0.0),
+        keras.layers.GaussianDropout(0.0),
+        keras.layers.GaussianNoise(0.0),
+    ):
+        assert layer_blocker(inert) is None, inert
+    assert "random" in str(layer_blocker(keras.layers.Dropout(1e-6)))
+
+    class NoisyDropout(keras.layers.Dropout):
+        """A subclass may draw at rate 0: only the built-in classes are trusted."""
+
+    assert "random" in str(layer_blocker(NoisyDropout(0.0)))
+
+
+def test_a_rate_zero_dropout_in_the_prefix_is_cached(
+    small: tuple[np.ndarray, np.ndarray],
+) -> None:
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, name="conv", trainable=False),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(8, name="fc", trainable=False),
+            keras.layers.Dropout(0.0, name="drop0"),
+            keras.layers.Dense(5, name="out"),
+        ]
+    )
+    tuner = FineTuner(model)
+    plan = plan_cache(tuner.model)
+    assert not isinstance(plan, str)
+    assert plan.cut_layer == "drop0" and "fc" in plan.prefix_layers
+    assert tuner.compile_sgd(lr=0.05).fit(*small, **FIT).cached
+
+
 def test_batchnorm_in_training_mode_is_not_cached(
     bn_model: Pretrained, small: tuple[np.ndarray, np.ndarray]
 ) -> None:

@@ -277,8 +277,14 @@ class FineTuner:
             num_classes: build a classifier with this many classes (logits output).
             regression: build a regressor with `outputs` linear outputs.
             outputs: width of a regression output.
-            at: the last layer kept (name, index or object). Default: all but the output layer,
-                and a trailing softmax/activation layer with it.
+            at: the last layer kept (name, index or object), or the name of one of the model's
+                outputs (a key of a dict of outputs, such as BERT's "pooled_output"). Default:
+                the old classifier is removed and nothing else (see `heads.default_cut`): the
+                last Dense or 1x1 convolution that maps one feature vector per sample to the
+                output, with the parameter-free layers after it (softmax, Flatten, Dropout).
+                A model without a classifier (an output with spatial or sequence axes, pooled
+                features, a keras-hub Backbone) keeps every layer and the head goes on its
+                output.
             hidden: sizes of the hidden `Dense` layers of the head.
             activation: activation of the hidden layers.
             dropout: rate of a `Dropout` after each hidden layer (none when 0).
@@ -289,8 +295,10 @@ class FineTuner:
             This FineTuner.
 
         Raises:
-            ConfigError: both or neither of `num_classes` / `regression`, or invalid sizes.
-            LayerNotFoundError: `at` names no layer.
+            ConfigError: both or neither of `num_classes` / `regression`, invalid sizes, a
+                model with several outputs and no `at=` (the message lists them), or an `at=`
+                layer that returns several tensors.
+            LayerNotFoundError: `at` names no layer and no output.
 
         Example:
 
@@ -555,7 +563,7 @@ class FineTuner:
 
         Phase "head" freezes everything before the head and trains it for `head_epochs`. The
         head is what `replace_head` built (`head.layer_names`); without `replace_head`, the
-        output layer (with a trailing Activation/Softmax layer). Phase "full" then restores
+        old classifier (the layers a default `replace_head` removes). Phase "full" then restores
         the flags as they were when `fine_tune` was called, head included, and trains `epochs`
         more at the compiled learning rate times `lr_factor` (a schedule and discriminative
         learning rates are scaled alike). By default everything is trainable, so the whole body
@@ -586,7 +594,8 @@ class FineTuner:
         Raises:
             NotCompiledError: no compile yet (its optimizer configuration is reused).
             ConfigError: invalid epochs or `lr_factor`, `epochs=`/`initial_epoch=` in
-                `fit_kwargs`, or no head to train (several outputs and no `replace_head`).
+                `fit_kwargs`, or no head to train (several outputs, or a backbone without a
+                classifier, and no `replace_head`).
             DataError: the data does not fit the model (nothing is changed).
 
         Example:

@@ -23,7 +23,9 @@ __all__ = [
     "fresh_inputs",
     "input_paths",
     "is_container",
+    "output_names",
     "pack_inputs",
+    "producer",
     "quiet_dict_inputs",
     "replay",
 ]
@@ -102,6 +104,42 @@ def input_paths(model: keras.Model) -> list[tuple[Any, ...]] | None:
     if not isinstance(struct, dict):
         return None
     return [tuple(path) for path, _ in keras.tree.flatten_with_path(struct)]
+
+
+def producer(tensor: Any) -> tuple[Any, Any, int] | None:
+    """Where a symbolic tensor of a built graph comes from.
+
+    Returns:
+        `(operation, node, index)`: the layer or operation whose call produced `tensor`, that
+        call's node, and the position of `tensor` in the call's flattened outputs; or None when
+        `tensor` is an input of its graph.
+    """
+    # Private API (checked on Keras 3.15.1): every KerasTensor made by a call carries
+    # `_keras_history` (operation, node_index, tensor_index) into `operation._inbound_nodes`.
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    op, node_index, tensor_index = history
+    node = op._inbound_nodes[node_index]
+    if node.is_input:
+        return None
+    return op, node, int(tensor_index)
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """A name for each of `model.outputs`, in order.
+
+    A model built with a dict of outputs (a keras-hub `BertBackbone`'s `pooled_output` and
+    `sequence_output`) names them by their keys; other models by the layers that produce them.
+    """
+    struct = getattr(model, "_outputs_struct", None)
+    if isinstance(struct, dict):
+        return ["/".join(str(k) for k in path) for path, _ in keras.tree.flatten_with_path(struct)]
+    names = []
+    for tensor in model.outputs:
+        found = producer(tensor)
+        names.append(str(found[0].name) if found else str(getattr(tensor, "name", "input")))
+    return names
 
 
 def _input_name(tensor: Any, index: int) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "cached_executor",
     "cut_frontier",
     "dataset_randomness",
+    "is_inert",
     "layer_blocker",
     "make_cached_executor",
     "plan_cache",
@@ -62,7 +63,20 @@ RANDOM_LAYER_TYPES: tuple[type[Any], ...] = (
     keras.layers.AlphaDropout,
 )
 """Layer classes that are random in training mode. Any layer owning a Keras `SeedGenerator`
-(every `Random*` preprocessing layer does) counts as random too."""
+(every `Random*` preprocessing layer does) counts as random too, unless `is_inert` says it
+draws nothing."""
+
+# Built-in layers that skip their random draw when this attribute is 0 (checked in their `call`
+# on Keras 3.15.1: `if training and self.rate > 0`). Exact types: a subclass may draw anyway.
+_INERT_WHEN_ZERO: dict[type[Any], str] = {
+    keras.layers.Dropout: "rate",
+    keras.layers.SpatialDropout1D: "rate",
+    keras.layers.SpatialDropout2D: "rate",
+    keras.layers.SpatialDropout3D: "rate",
+    keras.layers.AlphaDropout: "rate",
+    keras.layers.GaussianDropout: "rate",
+    keras.layers.GaussianNoise: "stddev",
+}
 
 # Substrings of TensorFlow op names that draw random numbers (stateful, stateless-with-seed-state,
 # tf.random.Generator) or shuffle.
@@ -97,6 +111,24 @@ def _seed_generators(layer: keras.layers.Layer) -> list[Any]:
     return list(getattr(layer, "_seed_generators", []) or [])
 
 
+def is_inert(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is a built-in Dropout or noise layer that draws nothing: rate (or
+    GaussianNoise's stddev) 0, so it is the identity in training mode too.
+
+    Example:
+
+    >>> is_inert(keras.layers.Dropout(0.0)), is_inert(keras.layers.Dropout(0.1))
+    (True, False)
+    """
+    attribute = _INERT_WHEN_ZERO.get(type(layer))
+    if attribute is None:
+        return False
+    try:
+        return float(getattr(layer, attribute)) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
 def layer_blocker(layer: Any) -> str | None:
     """Why `layer` cannot be part of the cached prefix, or None when it can.
 
@@ -119,6 +151,8 @@ def layer_blocker(layer: Any) -> str | None:
         return None
     subs = _sublayers(layer)
     for sub in subs:
+        if is_inert(sub):
+            continue
         if isinstance(sub, RANDOM_LAYER_TYPES) or _seed_generators(sub):
             return f"is random in training mode ({type(sub).__name__})"
         if isinstance(sub, keras.layers.BatchNormalization) and sub.trainable:

@@ -11,8 +11,8 @@ import keras
 
 from transferkit._utils.checks import check_positive_number
 from transferkit.errors import ConfigError
-from transferkit.model.heads import HeadSpec, default_cut
-from transferkit.model.layers import leaf_layers, resolve, top_layers
+from transferkit.model.heads import HeadSpec, classifier_layers
+from transferkit.model.layers import leaf_layers, resolve
 from transferkit.results.result import FitResult
 
 __all__ = [
@@ -42,18 +42,23 @@ def check_phase_args(head_epochs: object, epochs: object, lr_factor: object) -> 
 def head_layers(model: keras.Model, head: HeadSpec | None) -> list[keras.layers.Layer]:
     """The layers phase "head" trains.
 
-    After `replace_head`, the new head layers; otherwise the output layer (with a trailing
-    Activation/Softmax layer: the same layers a default `replace_head` would replace).
+    After `replace_head`, the new head layers; otherwise the old classifier (the layers a
+    default `replace_head` would replace, see `heads.default_cut`).
 
     Raises:
-        ConfigError: no head was replaced and the model has several outputs.
+        ConfigError: no head was replaced and the model has several outputs or no classifier
+            (a backbone).
     """
     if head is not None:
         return [resolve(model, name) for name in head.layer_names]
-    cut = default_cut(model)
-    top = top_layers(model)
-    index = next(i for i, layer in enumerate(top) if layer is cut)
-    return top[index + 1 :]
+    layers = classifier_layers(model)
+    if not layers:
+        raise ConfigError(
+            f"model {model.name!r} has no classifier for phase 'head' to train (its output "
+            f"{tuple(model.outputs[0].shape)} is features, not class scores): call "
+            "replace_head(...) first."
+        )
+    return layers
 
 
 def leaf_flags(model: keras.Model) -> dict[int, bool]:
