@@ -22,8 +22,12 @@ this module does about it, all by rewriting the saved config before Keras builds
 - Keras 2's `hard_sigmoid` (slope 0.2), which Keras 3 would silently replace with its own (slope
   1/6): kept as `keras2_hard_sigmoid`.
 - `keras.applications` layers Keras 3 does not register (`LayerScale`, `CustomScaleLayer`).
+- tf-keras 2.16-2.21 (the Keras 2 of TensorFlow 2.16+) writes `rng_type` on every random layer
+  (`_KERAS2_BASE_ARGUMENTS`: dropped for built-in layers) and `softmax_robust_masking` on
+  MultiHeadAttention; Keras 3 has no `RandomHeight` / `RandomWidth` (stand-ins here) and its
+  `RandomCrop` does not crop in inference (`Keras2RandomCrop`).
 
-Keras 2.13-2.15 also wrote `.keras` archives, which Keras 3 cannot read at all (their config
+Keras 2.13-2.15 and tf-keras 2.16+ also wrote `.keras` archives, which Keras 3 cannot read at all (their config
 names `keras.src.engine.functional`). `load_keras2_keras` reads them the same way.
 
 `load_keras2_h5` rebuilds such a file from the corrected config, then loads the weights, using
@@ -39,6 +43,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import copy
+import inspect
 import json
 import marshal
 import types
@@ -53,6 +58,9 @@ from transferkit.errors import ModelLoadError
 
 __all__ = [
     "Keras2Lambda",
+    "Keras2RandomCrop",
+    "RandomHeight",
+    "RandomWidth",
     "SlicingOpLambda",
     "TFOpLambda",
     "check_op_layers",
@@ -84,6 +92,8 @@ def is_keras2_failure(exc: BaseException) -> bool:
         or any(
             f"Unrecognized keyword arguments passed to {cls}" in text for cls in _OBSOLETE_ARGUMENTS
         )
+        or any(f"'{key}'" in text for key in _KERAS2_BASE_ARGUMENTS)
+        or any(f"Unknown layer: '{name}'" in text for name in _STAND_INS)
     )
 
 
@@ -324,6 +334,166 @@ class SlicingOpLambda(TFOpLambda):
         config = super().get_config()
         config["slice_spec_json"] = self.slice_spec_json
         return config
+
+
+# ------------------------------------------------------------ layers Keras 3 removed
+
+
+class _RandomSize(keras.layers.Layer):  # type: ignore[misc]
+    """Keras 2's RandomHeight / RandomWidth: in training, resizes one spatial axis by a random
+    factor drawn once per batch from `[1 + lower, 1 + upper]`; in inference, the identity.
+
+    Keras 2 laid images out as `channels_last` only; like Keras 2 (and the TF ops stand-ins
+    above) this runs on the TensorFlow backend.
+    """
+
+    _axis = -3  # the resized axis of `(..., height, width, channels)`
+
+    def __init__(
+        self,
+        factor: float | tuple[float, float] | list[float],
+        interpolation: str = "bilinear",
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(factor, (tuple, list)):
+            lower, upper = float(factor[0]), float(factor[1])
+        else:
+            lower, upper = -float(factor), float(factor)
+        if upper < lower or lower < -1.0:
+            raise ValueError(
+                f"{type(self).__name__}: `factor` must be a number or a (lower, upper) pair with "
+                f"lower <= upper and both above -1; got factor={factor!r}."
+            )
+        self.factor = factor
+        self.interpolation = interpolation
+        self.seed = seed
+        self._range = (1.0 + lower, 1.0 + upper)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        if not training:
+            return inputs
+        import tensorflow as tf
+
+        shape = tf.shape(inputs)
+        scale = keras.random.uniform([], *self._range, seed=self.seed_generator)
+        size = [shape[-3], shape[-2]]
+        size[self._axis + 3] = tf.cast(scale * tf.cast(shape[self._axis], "float32"), "int32")
+        resized = tf.image.resize(inputs, tf.stack(size), method=self.interpolation)
+        return tf.cast(resized, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        shape = list(input_shape)
+        shape[self._axis] = None
+        return tuple(shape)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(factor=self.factor, interpolation=self.interpolation, seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class RandomHeight(_RandomSize):
+    """Keras 3 stand-in for Keras 2's `RandomHeight` (removed in Keras 3).
+
+    Args:
+        factor: the height changes by a factor drawn from `[1 - factor, 1 + factor]`, or
+            `[1 + lower, 1 + upper]` for a `(lower, upper)` pair.
+        interpolation: a `tf.image.resize` method (`"bilinear"`, `"nearest"`, ...).
+        seed: the random seed.
+        **kwargs: base layer arguments.
+    """
+
+    _axis = -3
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class RandomWidth(_RandomSize):
+    """Keras 3 stand-in for Keras 2's `RandomWidth` (removed in Keras 3); see `RandomHeight`."""
+
+    _axis = -2
+
+
+def _smart_resize(images: Any, height: int, width: int) -> Any:
+    # Keras 2's `smart_resize`: the largest central window of the target aspect ratio, resized
+    # (bilinear) to the target size; shapes may be dynamic.
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    crop_h = tf.minimum(h, tf.cast(tf.cast(w * height, "float32") / width, "int32"))
+    crop_w = tf.minimum(w, tf.cast(tf.cast(h * width, "float32") / height, "int32"))
+    start = tf.stack([0, (h - crop_h) // 2, (w - crop_w) // 2, 0])
+    window = tf.slice(images, start, tf.stack([-1, crop_h, crop_w, -1]))
+    return tf.image.resize(window, (height, width))
+
+
+@keras.saving.register_keras_serializable(package="transferkit")
+class Keras2RandomCrop(keras.layers.Layer):  # type: ignore[misc]
+    """Keras 2's `RandomCrop`, which Keras 3's does not reproduce.
+
+    In training, a random `(height, width)` window (images smaller than that are resized as in
+    inference); in inference, the largest central window of the target aspect ratio, resized
+    to `(height, width)`. Keras 3.15.1's `RandomCrop` returns the images unchanged in inference
+    (larger than its own `compute_output_shape` says: a Keras 2 model predicts differently, or
+    fails at a `Flatten`), and fails in training on images of unknown size (after Keras 2's
+    `RandomHeight`). `channels_last` and the TensorFlow backend, like Keras 2.
+
+    Args:
+        height: the output height.
+        width: the output width.
+        seed: the random seed.
+        **kwargs: base layer arguments.
+    """
+
+    def __init__(self, height: int, width: int, seed: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.height = int(height)
+        self.width = int(width)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs: Any, training: bool = False) -> Any:
+        import tensorflow as tf
+
+        images = tf.convert_to_tensor(inputs)
+        unbatched = images.shape.rank == 3
+        if unbatched:
+            images = images[None]
+        if training:
+            shape = tf.shape(images)
+            room = shape[1:3] - tf.constant([self.height, self.width])
+            draw = keras.random.uniform([2], 0.0, 1.0, seed=self.seed_generator)
+            start = tf.cast(draw * tf.cast(room + 1, "float32"), "int32")
+            start = tf.minimum(start, tf.maximum(room, 0))
+            outputs = tf.cond(
+                tf.reduce_all(room >= 0),
+                lambda: tf.slice(
+                    images,
+                    tf.stack([0, start[0], start[1], 0]),
+                    tf.stack([-1, self.height, self.width, -1]),
+                ),
+                lambda: tf.cast(_smart_resize(images, self.height, self.width), images.dtype),
+            )
+        else:
+            outputs = _smart_resize(images, self.height, self.width)
+        outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs[0] if unbatched else outputs
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (*input_shape[:-3], self.height, self.width, input_shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(height=self.height, width=self.width, seed=self.seed)
+        return config
+
+
+# Keras 2 layers that Keras 3 no longer has, by their Keras 2 class names.
+_STAND_INS: dict[str, type] = {"RandomHeight": RandomHeight, "RandomWidth": RandomWidth}
 
 
 # ---------------------------------------------------------------------- config rewrites
@@ -602,8 +772,20 @@ _OBSOLETE_ARGUMENTS: dict[str, dict[str, Any]] = {
     "SeparableConv2D": _SEPARABLE_ARGUMENTS,
     "SeparableConvolution1D": _SEPARABLE_ARGUMENTS,
     "SeparableConvolution2D": _SEPARABLE_ARGUMENTS,
-    # Keras 3 builds the layer from its first call, not from shapes in its config.
-    "MultiHeadAttention": {"query_shape": _ANY, "key_shape": _ANY, "value_shape": _ANY},
+    "DepthwiseConv1D": {"groups": 1},
+    "MultiHeadAttention": {
+        # Keras 3 builds the layer from its first call, not from shapes in its config.
+        "query_shape": _ANY,
+        "key_shape": _ANY,
+        "value_shape": _ANY,
+        # tf-keras 2.16+: masked scores set to -1e9 (True) or -1e9 added to them (False, the
+        # default); Keras 3 always sets them, which differs only where a whole row is masked.
+        "softmax_robust_masking": _ANY,
+    },
+    # tf-keras 2.16+ writes it only when True, which is how Keras 3's Softmax masks.
+    "Softmax": {"robust_masking": True},
+    # Keras 3's Discretization takes no `trainable` (it has no weights).
+    "Discretization": {"trainable": _ANY},
     # Keras 3's legacy loader turns the string "dot" into the function `keras.layers.dot` (it
     # resolves strings that name functions of the layers module) and Attention then refuses it.
     # "dot" is Keras 3's default.
@@ -627,6 +809,30 @@ _OBSOLETE_ARGUMENTS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Keras 2 base-class arguments that tf-keras 2.16+ writes into the configs of whole families of
+# layers, with every value they can hold. `rng_type` comes from Keras 2's `BaseRandomLayer` and
+# only chose how Keras 2 drew its random numbers: every random image layer writes "stateful";
+# with the TF random generator on (`enable_tf_random_generator()`), so do Dropout, GaussianNoise,
+# GaussianDropout, AlphaDropout, SpatialDropout, Attention and the recurrent layers and cells.
+# Keras 3 draws from a SeedGenerator built from `seed`, which stays. Dropped only for built-in
+# Keras 3 layers whose constructor does not name the argument: a custom class decides for itself.
+_KERAS2_BASE_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "rng_type": ("stateful", "stateless", "legacy_stateful"),
+}
+
+
+def _drop_base_arguments(class_name: str, config: dict[str, Any]) -> None:
+    present = [k for k, values in _KERAS2_BASE_ARGUMENTS.items() if config.get(k) in values]
+    if not present:
+        return
+    cls = _builtin_layers().get(class_name) or _STAND_INS.get(class_name)
+    if cls is None:
+        return
+    accepted = inspect.signature(cls).parameters
+    for key in present:
+        if key not in accepted:
+            config.pop(key)
+
 
 # Keras 2's hard_sigmoid is clip(0.2 * x + 0.5, 0, 1); Keras 3's is clip(x / 6 + 0.5, 0, 1).
 # The name alone would load silently with the other function (ConvLSTM2D's default recurrent
@@ -647,6 +853,10 @@ def _fix_arguments(layer: dict[str, Any]) -> None:
     config = layer.get("config")
     if not isinstance(config, dict):
         return
+    _drop_base_arguments(str(layer.get("class_name")), config)
+    if layer.get("class_name") == "RandomCrop":
+        # Keras 3's RandomCrop does not crop in inference (see Keras2RandomCrop).
+        layer["class_name"] = "transferkit>Keras2RandomCrop"
     if layer.get("class_name") == "ThresholdedReLU":
         # Removed in Keras 3; `ReLU(threshold=theta)` computes the same (x > theta ? x : 0).
         layer["class_name"] = "ReLU"
@@ -665,11 +875,12 @@ def _fix_arguments(layer: dict[str, Any]) -> None:
         # (its loader would pass the dict on as a string and fail on `quantization_mode`).
         config["dtype"] = (dtype.get("config") or {}).get("name", "float32")
     # Wrapped layers (Bidirectional's `layer` and `backward_layer`, TimeDistributed's `layer`,
-    # an RNN's `cell`) are configs inside the config.
+    # an RNN's `cell`, StackedRNNCells' `cells`) are configs inside the config.
     for value in config.values():
-        wrapped = isinstance(value, dict) and "class_name" in value and "config" in value
-        if wrapped and value.get("class_name") not in _MODEL_CLASSES:
-            _fix_arguments(value)
+        for item in value if isinstance(value, list) else [value]:
+            wrapped = isinstance(item, dict) and "class_name" in item and "config" in item
+            if wrapped and item.get("class_name") not in _MODEL_CLASSES:
+                _fix_arguments(item)
 
 
 def keras3_name(name: str) -> str:
@@ -790,6 +1001,7 @@ def _build(
 
     objects: dict[str, Any] = dict(_builtin_layers())
     objects.update({"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda})
+    objects.update(_STAND_INS)
     objects[_KERAS2_HARD_SIGMOID] = keras2_hard_sigmoid
     objects.update(_application_layers())
     objects.update(custom_objects)
