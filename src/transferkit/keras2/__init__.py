@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from transferkit.model.keras2 import (
     Keras2Lambda,
+    Keras2RandomCrop,
+    RandomHeight,
+    RandomWidth,
     SlicingOpLambda,
     TFOpLambda,
     check_op_layers,
@@ -31,6 +34,9 @@ from transferkit.model.keras2 import (
 
 __all__ = [
     "Keras2Lambda",
+    "Keras2RandomCrop",
+    "RandomHeight",
+    "RandomWidth",
     "SlicingOpLambda",
     "TFOpLambda",
     "check_op_layers",
