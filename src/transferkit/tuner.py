@@ -28,8 +28,8 @@ from transferkit.compiling import (
 )
 from transferkit.data import check_fit_data, is_array_like, label_rule
 from transferkit.distribution import in_scope, prepare_model, resolve_strategy
-from transferkit.errors import ConfigError, NotCompiledError
-from transferkit.heads import HeadSpec, Pool, build_head
+from transferkit.errors import ConfigError, NotCompiledError, TransferkitError
+from transferkit.heads import HeadSpec, Pool, build_head, default_cut
 from transferkit.layers import (
     BatchNormPolicy,
     LayerRef,
@@ -38,10 +38,18 @@ from transferkit.layers import (
     check_batchnorm_policy,
     flags_signature,
     freeze_until_plan,
+    resolve,
     select,
     set_trainable_plan,
 )
-from transferkit.loading import copy_model, load_model, to_functional
+from transferkit.loading import (
+    copy_model,
+    load_model,
+    output_layer,
+    rebuilds_itself,
+    to_functional,
+    wrap_whole,
+)
 from transferkit.lr_finder import LRFinder, run_lr_finder
 from transferkit.lr_groups import LRGroups, check_lr_groups
 from transferkit.phases import (
@@ -297,8 +305,9 @@ class FineTuner:
         ```
         """
         with self._scope():
+            base, at = self._head_base(at)
             new_model, spec = build_head(
-                self._model,
+                base,
                 num_classes=num_classes,
                 regression=regression,
                 outputs=outputs,
@@ -312,6 +321,26 @@ class FineTuner:
         self._head = spec
         self._compiled_signature = None
         return self
+
+    def _head_base(self, at: LayerRef | None) -> tuple[keras.Model, LayerRef | None]:
+        """The model `build_head` cuts, and where.
+
+        A head on the output of a model that rebuilds itself from its config (a keras-hub
+        Backbone) sits on the model called whole: replaying its layers one by one would put them
+        in the new graph directly, and some of them (ViT's patching layer) do not reload from
+        their own configs.
+        """
+        model = self._model
+        out = output_layer(model)
+        if out is None or not rebuilds_itself(model):
+            return model, at
+        try:
+            cut = default_cut(model) if at is None else resolve(model, at)
+        except TransferkitError:
+            return model, at  # build_head raises the same error
+        if cut is not out:
+            return model, at
+        return wrap_whole(model), model
 
     # --------------------------------------------------------------- compiling
 
