@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import Pretrained, build_cnn, weights_of
 
+import transferkit
 from transferkit import ConfigError, DataError, FineTuner, LayerNotFoundError, ModelLoadError
 from transferkit.model.keras2 import keras2_config, keras2_hard_sigmoid
 from transferkit.model.loading import copy_model, keras2_nested_config, load_model, to_functional
@@ -481,3 +482,52 @@ def test_keras2_lambda_using_tf_loads_copies_and_saves(tmp_path: Path) -> None:
     mixed = FineTuner(KERAS2 / "mixed_policy.h5").model
     assert mixed.get_layer("conv").dtype_policy.name == "mixed_float16"
     assert mixed.get_layer("probs").dtype_policy.name == "float32"
+
+
+@keras.saving.register_keras_serializable(package="transferkit_tests")
+class _Tagged(keras.layers.Dense):
+    """A layer whose config has a key its constructor refuses, as keras-hub ViT's patching layer."""
+
+    def get_config(self) -> dict[str, object]:
+        return {**super().get_config(), "note": "not an argument"}
+
+
+@keras.saving.register_keras_serializable(package="transferkit_tests")
+class _SelfBuilt(keras.Model):
+    """A Functional subclass that builds its graph from its own arguments, as keras-hub's
+    backbones do; it round-trips only as a whole."""
+
+    def __init__(self, units: int = 4, **kwargs: object) -> None:
+        inputs = keras.Input((3,), name="x")
+        outputs = _Tagged(units, name="tagged")(inputs)
+        super().__init__(inputs, outputs, **kwargs)
+        self.units = units
+
+    def get_config(self) -> dict[str, object]:
+        return {"units": self.units, "name": self.name, "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config: dict[str, object]) -> _SelfBuilt:  # type: ignore[override]
+        return cls(**config)
+
+
+def test_copy_falls_back_to_from_config_and_saved_results_reload(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(5)
+    model = _SelfBuilt(4, name="self_built")
+    with pytest.raises(Exception, match="note"):
+        keras.models.clone_model(model)
+    tuner = FineTuner(model)
+    assert type(tuner.model) is _SelfBuilt and tuner.model is not model
+    for a, b in zip(model.weights, tuner.model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    result = (
+        tuner.replace_head(2, at="tagged")
+        .compile("adam")
+        .fit(x, np.arange(16) % 2, epochs=1, verbose=0)
+    )
+    # The head sits on the model called whole: the saved file holds it as one _SelfBuilt.
+    assert [type(layer) for layer in result.model.layers][1] is _SelfBuilt
+    path = result.save(tmp_path / "self_built.keras")
+    for loaded in (transferkit.load(path)[0], keras.saving.load_model(path)):
+        np.testing.assert_allclose(loaded.predict(x, verbose=0), result.predict(x), atol=1e-6)

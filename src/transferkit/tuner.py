@@ -25,8 +25,8 @@ from transferkit.compile.spec import (
     sgd_factory,
 )
 from transferkit.data.checks import check_fit_data, is_array_like, label_rule
-from transferkit.errors import ConfigError, NotCompiledError
-from transferkit.model.heads import HeadSpec, Pool, build_head
+from transferkit.errors import ConfigError, NotCompiledError, TransferkitError
+from transferkit.model.heads import HeadSpec, Pool, build_head, default_cut
 from transferkit.model.layers import (
     BatchNormPolicy,
     LayerRef,
@@ -35,10 +35,18 @@ from transferkit.model.layers import (
     check_batchnorm_policy,
     flags_signature,
     freeze_until_plan,
+    resolve,
     select,
     set_trainable_plan,
 )
-from transferkit.model.loading import copy_model, load_model, to_functional
+from transferkit.model.loading import (
+    copy_model,
+    load_model,
+    output_layer,
+    rebuilds_itself,
+    to_functional,
+    wrap_whole,
+)
 from transferkit.recipes import batchnorm as _batchnorm
 from transferkit.recipes import lora as _lora
 from transferkit.recipes.lr_finder import LRFinder, run_lr_finder
@@ -202,7 +210,7 @@ class FineTuner:
         """The one hook for distribution: wrap every step that creates a model, a layer, a
         variable or an optimizer (load, copy, new head, LoRA, compile, a temporary model for
         an LR search or a feature cache) in `with self._scope():`. A no-op without a strategy;
-        nesting is allowed. See `transferkit.distribution` and docs/scaling-out.md."""
+        nesting is allowed. See `transferkit.train.distribution` and docs/scaling-out.md."""
         with in_scope(self._strategy):
             yield
 
@@ -307,8 +315,9 @@ class FineTuner:
         ```
         """
         with self._scope():
+            base, at = self._head_base(at)
             new_model, spec = build_head(
-                self._model,
+                base,
                 num_classes=num_classes,
                 regression=regression,
                 outputs=outputs,
@@ -322,6 +331,30 @@ class FineTuner:
         self._head = spec
         self._compiled_signature = None
         return self
+
+    def _head_base(self, at: LayerRef | None) -> tuple[keras.Model, LayerRef | None]:
+        """The model `build_head` cuts, and where.
+
+        A head on the output of a model that rebuilds itself from its config (a keras-hub
+        Backbone) sits on the model called whole: replaying its layers one by one would put them
+        in the new graph directly, and some of them (ViT's patching layer) do not reload from
+        their own configs.
+        """
+        model = self._model
+        out = output_layer(model)
+        if out is None or not rebuilds_itself(model):
+            return model, at
+        try:
+            if at is None:
+                cut = default_cut(model)
+                on_output = not cut.removed and (cut.producer is out or cut.output is not None)
+            else:
+                on_output = resolve(model, at) is out
+        except TransferkitError:
+            return model, at  # build_head raises the same error
+        if not on_output:
+            return model, at
+        return wrap_whole(model), model
 
     # --------------------------------------------------------------- compiling
 

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from transferkit.errors import ConfigError, ModelLoadError
-from transferkit.model.graph import fresh_inputs, graph_inputs, quiet_dict_inputs, replay
+from transferkit.model.graph import (
+    derived_model,
+    fresh_inputs,
+    graph_inputs,
+    pack_inputs,
+    quiet_dict_inputs,
+    replay,
+)
 from transferkit.model.keras2 import (
     h5_written_by_keras2,
     is_keras2_failure,
@@ -30,6 +38,9 @@ from transferkit.model.keras2 import (
 
 __all__ = [
     "copy_model",
+    "output_layer",
+    "rebuilds_itself",
+    "wrap_whole",
     "keras2_nested_config",
     "load_model",
     "safe_mode_scope",
@@ -163,21 +174,109 @@ def copy_model(
         ConfigError: the model is not built, or cannot be cloned (a subclassed model).
     """
     _require_built(model)
-    try:
-        with (
-            keras.saving.custom_object_scope(dict(custom_objects or {})),
-            safe_mode_scope(safe_mode),
-            quiet_dict_inputs(),
-        ):
-            clone = keras.models.clone_model(model)
-    except Exception as exc:
+    # `clone_model` rebuilds every layer from its own config. A model class that builds its
+    # graph itself (keras-hub's backbones and tasks) may only round-trip as a whole, as `.keras`
+    # saving does it: ViT's patching layer refuses its own config. `clone_model` comes first:
+    # `from_config` of DINOv2's backbone renames its layers after the model.
+    ways = [("clone_model", _clone), ("from_config(get_config())", _from_config)]
+    failures: list[tuple[str, Exception]] = []
+    clone: keras.Model | None = None
+    with (
+        keras.saving.custom_object_scope(dict(custom_objects or {})),
+        safe_mode_scope(safe_mode),
+        quiet_dict_inputs(),
+    ):
+        for label, way in ways:
+            try:
+                clone = way(model)
+                break
+            except Exception as exc:  # Keras raises many types for a config it cannot rebuild.
+                failures.append((label, exc))
+    if clone is None:
+        tried = "; ".join(f"{label}: {exc}" for label, exc in failures)
         raise ConfigError(
-            f"cannot copy model {model.name!r}: {exc}. Pass copy=False to work on it in place, "
-            f"or pass its custom classes with custom_objects=.{_load_hint(exc)}"
-        ) from exc
+            f"cannot copy model {model.name!r} ({tried}). Pass copy=False to work on it in "
+            f"place, or pass its custom classes with custom_objects=.{_load_hint(failures[0][1])}"
+        ) from failures[0][1]
     clone.set_weights(model.get_weights())
+    _check_same_model(model, clone)
     _copy_flags(model, clone)
     return clone
+
+
+def _clone(model: keras.Model) -> keras.Model:
+    clone = keras.models.clone_model(model)
+    assert isinstance(clone, keras.Model)
+    return clone
+
+
+def _from_config(model: keras.Model) -> keras.Model:
+    clone = type(model).from_config(model.get_config())
+    if not isinstance(clone, keras.Model):
+        raise TypeError(f"the config builds a {type(clone).__name__}, not a model")
+    return clone
+
+
+def _check_same_model(model: keras.Model, clone: keras.Model) -> None:
+    # `set_weights` matches by position only: a copy rebuilt another way must have the same
+    # layers and variables, in the same order, with the same values.
+    def names(m: keras.Model) -> list[str]:
+        # `clone_model` makes new InputLayers, with new generated names.
+        return [layer.name for layer in m.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+    if names(clone) != names(model):
+        raise ConfigError(
+            f"cannot copy model {model.name!r}: its copy names its layers differently. Pass "
+            "copy=False to work on it in place."
+        )
+    mine, theirs = model.weights, clone.weights
+    if len(mine) != len(theirs) or any(
+        a.name != b.name or tuple(a.shape) != tuple(b.shape) or not _same_values(a, b)
+        for a, b in zip(mine, theirs, strict=False)
+    ):
+        raise ConfigError(
+            f"cannot copy model {model.name!r}: its copy does not have the same weights. Pass "
+            "copy=False to work on it in place."
+        )
+
+
+def rebuilds_itself(model: keras.Model) -> bool:
+    """Whether `model`'s class builds its own graph from its config (keras-hub's backbones and
+    tasks override `from_config`), rather than from the configs of its layers.
+
+    Such a model round-trips only as a whole: a layer of keras-hub's ViT does not rebuild from
+    its own config, so a Functional graph holding that layer directly cannot be reloaded.
+    """
+    if isinstance(model, keras.Sequential):
+        return False
+    own = getattr(type(model).from_config, "__func__", None)
+    return own is not None and own is not getattr(keras.Model.from_config, "__func__", None)
+
+
+def output_layer(model: keras.Model) -> keras.layers.Layer | None:
+    """The layer producing the only output of `model`, or None with several outputs."""
+    if len(model.outputs) != 1:
+        return None
+    # Private API (Keras 3.15.1): a symbolic tensor's `_keras_history` names the layer that made it.
+    history = getattr(model.outputs[0], "_keras_history", None)
+    layer = getattr(history, "operation", None)
+    return layer if isinstance(layer, keras.layers.Layer) else None
+
+
+def wrap_whole(model: keras.Model) -> keras.Model:
+    """A Functional whose one layer is `model`, called whole on inputs shaped like its own.
+
+    A head built on it keeps `model` (and its class) intact inside the new model, so the result
+    saves and reloads however `model`'s own layers serialize.
+    """
+    inputs = fresh_inputs(model)
+    outputs = model(pack_inputs(model, inputs))
+    return derived_model(model, inputs, outputs, model.name)
+
+
+def _same_values(a: keras.Variable, b: keras.Variable) -> bool:
+    # Bytes, not `==`: a NaN weight copied exactly is still the same weight.
+    return bool(np.asarray(a).tobytes() == np.asarray(b).tobytes())
 
 
 def _copy_flags(src: keras.layers.Layer, dst: keras.layers.Layer) -> None:

@@ -21,11 +21,14 @@ per base variable, so that loading into a different base names the first variabl
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,19 +51,21 @@ from transferkit.model.layers import (
     all_layers,
     apply_flags,
     leaf_layers,
-    select,
+    resolve,
     top_layers,
 )
 
 __all__ = [
     "FORMAT",
     "LoraConfig",
+    "adapter_variables",
     "apply_lora",
     "check_flags_editable",
     "has_lora",
     "layer_paths",
     "load_adapters",
     "lora_layers",
+    "lora_rank",
     "merged_copy",
     "resolve_targets",
     "save_adapters",
@@ -70,6 +75,12 @@ __all__ = [
 FORMAT = "transferkit-lora-adapters"
 _VERSION = 1
 _HEADER_KEY = "__transferkit__"
+_ADAPTER_SUFFIXES = (
+    "/lora_kernel_a",
+    "/lora_kernel_b",
+    "/lora_embeddings_a",
+    "/lora_embeddings_b",
+)
 SUPPORTED: tuple[type[keras.layers.Layer], ...] = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
@@ -112,42 +123,103 @@ class LoraConfig:
 # ------------------------------------------------------------------ paths
 
 
-def _leaves_with_paths(
-    container: keras.layers.Layer, prefix: str = ""
-) -> Iterator[tuple[str, keras.layers.Layer]]:
-    for layer in top_layers(container):
-        path = f"{prefix}{layer.name}"
-        if is_container(layer):
-            yield from _leaves_with_paths(layer, path + "/")
-        else:
-            yield path, layer
+@dataclass(frozen=True)
+class _Node:
+    """One layer of the model tree: its path, the layer, and the graph leaf it belongs to.
+
+    `leaf` is the layer itself for a graph leaf, the enclosing graph leaf for a sublayer of a
+    custom layer (an attention projection inside an encoder block), and None for a container.
+    """
+
+    path: str
+    layer: keras.layers.Layer
+    leaf: keras.layers.Layer | None
+
+
+def _children(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    # Private API (checked on Keras 3.15.1): `_layers` lists the sublayers a layer tracks as
+    # attributes, in assignment order, which is the same for every instance built from the same
+    # config. For a container it is its graph layers (`Model.layers`).
+    kids = top_layers(layer) if is_container(layer) else list(getattr(layer, "_layers", []))
+    return [kid for kid in kids if not isinstance(kid, keras.layers.InputLayer)]
+
+
+def _stable_name(layer: keras.layers.Layer) -> str:
+    """The name of a sublayer without the counter Keras adds to a generated name.
+
+    Sublayer names are not saved: a sublayer created without a name (a custom layer's softmax,
+    dropout or dense) is named by a process-wide counter (`softmax_16`), which differs between
+    two copies of the same model. Only graph layers keep their saved names.
+    """
+    # The pattern of Keras 3.15's `naming.auto_name`: snake_case(class name), then `_<n>`.
+    snake = re.sub(r"\W+", "", type(layer).__name__)
+    snake = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", snake)
+    snake = re.sub("([a-z])([A-Z])", r"\1_\2", snake).lower()
+    return snake if re.fullmatch(rf"{re.escape(snake)}(_\d+)?", layer.name) else str(layer.name)
+
+
+def _tree(model: keras.Model) -> list[_Node]:
+    """Every layer below `model`, depth-first: graph layers and the sublayers of custom layers.
+
+    A graph layer keeps its graph path even when a custom layer also tracks it, and a shared
+    sublayer is listed once, under its first owner. A sublayer's generated name loses its
+    counter, and sibling layers with the same name get `#2`, `#3` suffixes, so that every copy
+    of a model has the same paths.
+    """
+    graph_ids = {id(layer) for layer in all_layers(model)}
+    seen: set[int] = set()
+    nodes: list[_Node] = []
+
+    def visit(parent: keras.layers.Layer, prefix: str, leaf: keras.layers.Layer | None) -> None:
+        used: dict[str, int] = {}
+        for child in _children(parent):
+            if id(child) in seen or (leaf is not None and id(child) in graph_ids):
+                continue
+            seen.add(id(child))
+            base = child.name if leaf is None else _stable_name(child)
+            used[base] = used.get(base, 0) + 1
+            name = base if used[base] == 1 else f"{base}#{used[base]}"
+            path = prefix + name
+            owner = leaf if leaf is not None else (None if is_container(child) else child)
+            nodes.append(_Node(path, child, owner))
+            visit(child, path + "/", owner)
+
+    visit(model, "", None)
+    return nodes
 
 
 def layer_paths(model: keras.Model) -> dict[str, keras.layers.Layer]:
-    """Every leaf layer by its path: nested model names, then the layer name (`base/fc1`)."""
-    return dict(_leaves_with_paths(model))
+    """Every layer by its path: nested model names, the layer name, then the names of sublayers
+    inside custom layers (`base/fc1`, `vit_encoder/transformer_block_0/mha/query`)."""
+    return {node.path: node.layer for node in _tree(model)}
 
 
-def _suffix(layer: keras.layers.Layer, variable: keras.Variable) -> str:
-    # A variable's own `.path` carries counter-dependent prefixes for in-memory models
-    # (`sequential_3/fc1/kernel`): keep only what follows the layer's name.
-    path = str(variable.path)
-    marker = layer.name + "/"
-    at = path.rfind(marker)
-    return path[at + len(marker) :] if at >= 0 else str(variable.name)
+def _own_weights(layer: keras.layers.Layer) -> list[keras.Variable]:
+    # `layer.weights` includes every sublayer's; a variable belongs to the layer that made it.
+    inner = {id(w) for child in _children(layer) for w in child.weights}
+    return [w for w in layer.weights if id(w) not in inner]
 
 
 def variable_keys(model: keras.Model) -> dict[str, tuple[keras.layers.Layer, keras.Variable]]:
-    """Every weight of the model keyed by `<layer path>/<variable name>`, in model order."""
+    """Every weight of the model keyed by `<layer path>/<variable name>`, in model order.
+
+    The key does not use `variable.path`: Keras builds it from the name scopes at creation time,
+    so it carries counter-dependent prefixes for in-memory models (`sequential_3/fc1/kernel`) and
+    LoRA variables created later on a nested layer lack the names of its parents.
+    """
     keys: dict[str, tuple[keras.layers.Layer, keras.Variable]] = {}
-    for path, layer in _leaves_with_paths(model):
-        for variable in layer.weights:
-            key = f"{path}/{_suffix(layer, variable)}"
+    seen: set[int] = set()
+    for node in _tree(model):
+        for variable in _own_weights(node.layer):
+            if id(variable) in seen:
+                continue
+            seen.add(id(variable))
+            key = f"{node.path}/{variable.name}"
             unique, i = key, 1
             while unique in keys:
                 i += 1
                 unique = f"{key}#{i}"
-            keys[unique] = (layer, variable)
+            keys[unique] = (node.layer, variable)
     return keys
 
 
@@ -155,13 +227,38 @@ def variable_keys(model: keras.Model) -> dict[str, tuple[keras.layers.Layer, ker
 
 
 def lora_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """The leaf layers with LoRA enabled."""
-    return [layer for layer in leaf_layers(model) if getattr(layer, "lora_enabled", False)]
+    """The layers with LoRA enabled, sublayers of custom layers included."""
+    return [node.layer for node in _tree(model) if getattr(node.layer, "lora_enabled", False)]
+
+
+def lora_rank(layer: keras.layers.Layer) -> int | None:
+    """The LoRA rank of a leaf layer: its own, or that of the first LoRA sublayer inside it
+    (a transformer block whose projections have adapters); None without LoRA."""
+    if getattr(layer, "lora_enabled", False):
+        return int(layer.lora_rank)
+    if is_container(layer):
+        return None
+    for child in _children(layer):
+        rank = lora_rank(child)
+        if rank is not None:
+            return rank
+    return None
 
 
 def has_lora(model: keras.Model) -> bool:
     """Whether any layer of `model` has LoRA enabled."""
     return bool(lora_layers(model))
+
+
+def adapter_variables(layer: keras.layers.Layer) -> tuple[keras.Variable, keras.Variable]:
+    """The A and B matrices of a LoRA-enabled layer, under Keras' own names.
+
+    Keras names them `lora_kernel_a/b` on Dense, EinsumDense and the convolutions, and
+    `lora_embeddings_a/b` on Embedding (and its subclasses, such as ReversibleEmbedding).
+    """
+    if isinstance(layer, keras.layers.Embedding):
+        return layer.lora_embeddings_a, layer.lora_embeddings_b
+    return layer.lora_kernel_a, layer.lora_kernel_b
 
 
 def check_flags_editable(model: keras.Model, action: str) -> None:
@@ -189,19 +286,99 @@ def _check_rank(rank: object, alpha: object) -> tuple[int, float | None]:
     return rank, check_positive_number(alpha, "alpha", extra=" or None (alpha = rank)")
 
 
-def _unsupported(layer: keras.layers.Layer) -> str | None:
-    if not isinstance(layer, SUPPORTED):
-        return (
-            f"{type(layer).__name__} has no LoRA in Keras (supported: Dense, EinsumDense, "
-            "Embedding, Conv1D, Conv2D, Conv3D)"
-        )
+def _no_lora_class(layer: keras.layers.Layer) -> str:
+    return (
+        f"{type(layer).__name__} has no LoRA in Keras (supported: Dense, EinsumDense, "
+        "Embedding, Conv1D, Conv2D, Conv3D)"
+    )
+
+
+def _cannot(layer: keras.layers.Layer) -> str | None:
+    """Why `enable_lora` would refuse this layer of a supported class, or None.
+
+    The same checks as Keras 3.15's `enable_lora`, made before any layer changes, so that one
+    refused layer never leaves the others LoRA-enabled.
+    """
     if getattr(layer, "kernel_constraint", None) or getattr(layer, "embeddings_constraint", None):
         return "it has a kernel constraint, which Keras' LoRA does not allow"
     if getattr(layer, "lora_enabled", False):
         return "LoRA is already enabled on it"
     if not layer.built:
-        return "it is not built"
+        return "it is not built (it was never called), so it has no kernel to adapt"
+    if getattr(layer, "quantization_mode", None) == "gptq":
+        return "it is GPTQ-quantized, which Keras' LoRA does not support"
     return None
+
+
+def _unsupported(layer: keras.layers.Layer) -> str | None:
+    if not isinstance(layer, SUPPORTED):
+        return _no_lora_class(layer)
+    return _cannot(layer)
+
+
+def _refuse(node: _Node, reason: str, fix: str) -> ConfigError:
+    return ConfigError(
+        f"lora(): cannot put LoRA on {node.path!r} ({type(node.layer).__name__}): {reason}. "
+        f"{fix} Nothing was changed."
+    )
+
+
+_DEFAULT_FIX = "Pass targets= naming the layers to adapt, without this one."
+
+
+def _inside(node: _Node, nodes: Sequence[_Node]) -> list[_Node]:
+    """`node` and every node below it (by path), in tree order."""
+    prefix = node.path + "/"
+    return [n for n in nodes if n is node or n.path.startswith(prefix)]
+
+
+def _match_nodes(model: keras.Model, nodes: Sequence[_Node], sel: Selector) -> list[_Node]:
+    """The nodes a selector names: by class, glob or name (on the name or the path), by
+    top-level index or by object."""
+    if isinstance(sel, type):
+        if not issubclass(sel, keras.layers.Layer):
+            raise ConfigError(f"selector class {sel.__name__} is not a keras.layers.Layer class")
+        found = [n for n in nodes if isinstance(n.layer, sel)]
+        if not found:
+            raise ConfigError(
+                f"lora(targets=...): selector {sel.__name__} matches no layer: the model has no "
+                f"{sel.__name__} layer."
+            )
+        return found
+    if isinstance(sel, str):
+        if any(ch in sel for ch in "*?["):
+            found = [
+                n
+                for n in nodes
+                if fnmatch.fnmatchcase(n.layer.name, sel) or fnmatch.fnmatchcase(n.path, sel)
+            ]
+        else:
+            found = [n for n in nodes if sel in (n.layer.name, n.path)]
+        if not found:
+            names = sorted({n.layer.name for n in nodes} | {n.path for n in nodes})
+            close = difflib.get_close_matches(sel.strip("*?[]"), names, n=3, cutoff=0.5)
+            hint = f"closest names: {', '.join(map(repr, close))}" if close else "see summary()"
+            kind = "pattern" if any(ch in sel for ch in "*?[") else "no layer named"
+            what = f"pattern {sel!r} matches no layer" if kind == "pattern" else f"{kind} {sel!r}"
+            raise ConfigError(f"lora(targets=...): {what}; {hint}.")
+        return found
+    if isinstance(sel, (int, keras.layers.Layer)) and not isinstance(sel, bool):
+        if isinstance(sel, int):
+            try:
+                sel = resolve(model, sel)
+            except LayerNotFoundError as exc:
+                raise ConfigError(f"lora(targets=...): {exc}") from None
+        found = [n for n in nodes if n.layer is sel]
+        if not found:
+            raise ConfigError(
+                f"lora(targets=...): layer {sel.name!r} ({type(sel).__name__}) is not part of "
+                f"model {model.name!r}."
+            )
+        return found
+    raise ConfigError(
+        "lora(targets=...): a selector is a layer name, a glob pattern, a layer class, an int "
+        f"index or a layer, got {type(sel).__name__}."
+    )
 
 
 def resolve_targets(
@@ -209,59 +386,91 @@ def resolve_targets(
 ) -> list[keras.layers.Layer]:
     """The layers `lora(targets=...)` puts adapters on, in model order.
 
-    None means every supported layer outside the head. A selector naming one layer (a name, an
-    index, a layer object) must name a supported one; a pattern, a class or a nested model keeps
-    the supported layers it matches and must match at least one.
+    Layers are found at any depth: in nested models and inside custom layers (the attention
+    projections and MLP of a transformer block). None means every Dense, EinsumDense,
+    Embedding and Conv1D/2D/3D outside the head. A selector matches layers by name or path
+    (exactly or as a glob), by class, by top-level index or by object; a matched layer stands
+    for itself and every supported layer inside it. A selector naming one layer must reach a
+    supported one; a pattern or a class must match at least one. Every target is checked before
+    anything changes.
 
     Raises:
-        ConfigError: a selector matches nothing, names an unsupported or head layer, or no
-            layer would get an adapter.
+        ConfigError: a selector matches nothing, names an unsupported or head layer, no layer
+            would get an adapter, or a target cannot take LoRA (a kernel constraint, LoRA
+            already enabled, not built); the message names the layer.
     """
-    head_names = set(head)
+    nodes = _tree(model)
+    head_ids = {id(leaf) for leaf in leaf_layers(model) if leaf.name in set(head)}
+
+    def in_head(node: _Node) -> bool:
+        return node.leaf is not None and id(node.leaf) in head_ids
+
     if targets is None:
-        chosen = [
-            layer
-            for layer in leaf_layers(model)
-            if layer.name not in head_names and _unsupported(layer) is None
-        ]
+        chosen = [n for n in nodes if isinstance(n.layer, SUPPORTED) and not in_head(n)]
         if not chosen:
             raise ConfigError(
                 "lora(): no layer outside the head supports LoRA (Dense, EinsumDense, Embedding, "
                 "Conv1D/2D/3D); pass targets=."
             )
-        return chosen
-    if isinstance(targets, (str, int, type, keras.layers.Layer)):
-        targets = [targets]
-    picked: dict[int, keras.layers.Layer] = {}
-    for sel in targets:
-        try:
-            matched = select(model, [sel])
-        except LayerNotFoundError as exc:
-            raise ConfigError(f"lora(targets=...): {exc}") from None
-        single = isinstance(sel, (int, keras.layers.Layer)) or (
-            isinstance(sel, str) and not any(ch in sel for ch in "*?[") and len(matched) == 1
-        )
-        usable = []
-        for layer in matched:
-            reason = _unsupported(layer)
-            if layer.name in head_names:
-                reason = "it is part of the new head, which trains fully"
-            if reason is None:
-                usable.append(layer)
-            elif single:
-                raise ConfigError(
-                    f"lora(targets=...): cannot put LoRA on {layer.name!r}: {reason}."
-                )
-        if not usable:
-            label = sel.__name__ if isinstance(sel, type) else repr(sel)
-            raise ConfigError(
-                f"lora(targets=...): selector {label} matches no layer that supports LoRA "
-                "(Dense, EinsumDense, Embedding, Conv1D/2D/3D outside the head)."
+    else:
+        if isinstance(targets, (str, int, type, keras.layers.Layer)):
+            targets = [targets]
+        picked: dict[int, _Node] = {}
+        for sel in targets:
+            matched = _match_nodes(model, nodes, sel)
+            single = isinstance(sel, (int, keras.layers.Layer)) or (
+                isinstance(sel, str) and not any(ch in sel for ch in "*?[") and len(matched) == 1
             )
-        for layer in usable:
-            picked.setdefault(id(layer), layer)
-    order = {id(layer): i for i, layer in enumerate(leaf_layers(model))}
-    return sorted(picked.values(), key=lambda layer: order[id(layer)])
+            usable: list[_Node] = []
+            for node in matched:
+                if single and in_head(node):
+                    raise _refuse(
+                        node,
+                        "it is part of the new head, which trains fully",
+                        "Target layers of the base.",
+                    )
+                below = [
+                    n
+                    for n in _inside(node, nodes)
+                    if isinstance(n.layer, SUPPORTED) and not in_head(n)
+                ]
+                if single and not below:
+                    raise _refuse(node, _no_lora_class(node.layer), "Target another layer.")
+                usable.extend(below)
+            if not usable:
+                label = sel.__name__ if isinstance(sel, type) else repr(sel)
+                raise ConfigError(
+                    f"lora(targets=...): selector {label} matches no layer that supports LoRA "
+                    "(Dense, EinsumDense, Embedding, Conv1D/2D/3D outside the head)."
+                )
+            for node in usable:
+                picked.setdefault(id(node.layer), node)
+        chosen = [n for n in nodes if id(n.layer) in picked]
+    for node in chosen:
+        reason = _cannot(node.layer)
+        if reason is not None:
+            raise _refuse(
+                node, reason, _DEFAULT_FIX if targets is None else "Leave it out of targets=."
+            )
+    return [node.layer for node in chosen]
+
+
+def _snapshot_flags(model: keras.Model) -> tuple[list[tuple[Any, bool]], list[tuple[Any, bool]]]:
+    layers = [model, *(node.layer for node in _tree(model))]
+    return (
+        [(layer, bool(layer.trainable)) for layer in layers],
+        [(v, bool(v.trainable)) for v in model.weights],
+    )
+
+
+def _restore_flags(snapshot: tuple[list[tuple[Any, bool]], list[tuple[Any, bool]]]) -> None:
+    layer_flags, variable_flags = snapshot
+    for layer, flag in layer_flags:
+        # Private API (Keras 3.15.1): the setter would recurse into sublayers and variables;
+        # every flag is restored one by one instead.
+        layer._trainable = flag
+    for variable, flag in variable_flags:
+        variable.trainable = flag
 
 
 def apply_lora(
@@ -273,20 +482,40 @@ def apply_lora(
     alpha: float | None,
     batchnorm: BatchNormPolicy,
 ) -> None:
-    """Freezes everything but the head, then enables LoRA on `targets` and freezes their biases.
+    """Freezes everything but the head, then enables LoRA on `targets` and freezes their weights.
 
-    The targets are made trainable before `enable_lora` (a frozen layer reports no trainable
-    variables, adapters included) and their flags are never touched again.
+    The targets are made trainable before `enable_lora` (a frozen layer creates its adapters
+    frozen) and their flags are never touched again. A target inside a custom layer makes that
+    graph leaf trainable; then every other sublayer of it is frozen, and the own variables of the
+    layers between the leaf and the target (a class token, a layer scale) too.
     """
     head_names = set(head)
     target_ids = {id(layer) for layer in targets}
+    nodes = _tree(model)
+    target_paths = [n.path for n in nodes if id(n.layer) in target_ids]
+    holding = {id(n.leaf) for n in nodes if id(n.layer) in target_ids and n.leaf is not None}
     plan = {
-        id(leaf): (leaf.name in head_names or id(leaf) in target_ids) for leaf in leaf_layers(model)
+        id(leaf): (leaf.name in head_names or id(leaf) in holding) for leaf in leaf_layers(model)
     }
     apply_flags(model, plan, batchnorm=batchnorm)
+    frozen: list[str] = []
+    for node in nodes:
+        if (
+            node.leaf is None
+            or id(node.leaf) not in holding
+            or id(node.layer) in target_ids
+            or any(node.path.startswith(p + "/") for p in frozen + target_paths)
+        ):
+            continue
+        if any(p.startswith(node.path + "/") for p in target_paths):
+            for variable in _own_weights(node.layer):
+                variable.trainable = False
+        else:
+            node.layer.trainable = False
+            frozen.append(node.path)
     for layer in targets:
         layer.enable_lora(rank, lora_alpha=alpha)
-        adapters = {id(layer.lora_kernel_a), id(layer.lora_kernel_b)}
+        adapters = {id(v) for v in adapter_variables(layer)}
         for variable in layer.weights:
             if id(variable) not in adapters:
                 variable.trainable = False
@@ -305,17 +534,27 @@ def enable(
     """Validates everything, then applies LoRA (see `FineTuner.lora`).
 
     Raises:
-        ConfigError: invalid rank/alpha, LoRA already enabled, or unusable targets.
+        ConfigError: invalid rank/alpha, LoRA already enabled, or unusable targets; the model
+            is left exactly as it was.
     """
     rank, alpha = _check_rank(rank, alpha)
-    if has_lora(model):
+    enabled = [node.path for node in _tree(model) if getattr(node.layer, "lora_enabled", False)]
+    if enabled:
         raise ConfigError(
-            "lora() was already applied to this model (Keras enables LoRA once per layer); start "
-            "a new FineTuner to change the rank or targets."
+            f"lora() cannot run: LoRA is already enabled on {len(enabled)} layer(s) "
+            f"({', '.join(map(repr, enabled[:3]))}); Keras enables LoRA once per layer. Start a "
+            "new FineTuner on a model without LoRA to change the rank or targets."
         )
     layers = resolve_targets(model, targets, head)
-    paths = {id(layer): path for path, layer in _leaves_with_paths(model)}
-    apply_lora(model, layers, head=head, rank=rank, alpha=alpha, batchnorm=batchnorm)
+    paths = {id(node.layer): node.path for node in _tree(model)}
+    snapshot = _snapshot_flags(model)
+    try:
+        apply_lora(model, layers, head=head, rank=rank, alpha=alpha, batchnorm=batchnorm)
+    except Exception as exc:
+        # Every refusal of enable_lora is checked above; this is for the unforeseen, and the
+        # flags at least are restored.
+        _restore_flags(snapshot)
+        raise ConfigError(f"lora(): enabling LoRA failed: {exc}") from exc
     return LoraConfig(
         rank=rank,
         alpha=float(layers[0].lora_alpha),
@@ -334,14 +573,15 @@ def _adapter_keys(model: keras.Model, config: LoraConfig) -> list[str]:
     head = set(config.head)
     for key, (layer, variable) in variable_keys(model).items():
         path = key.rsplit("/", 1)[0]
-        if (path in targets and _is_adapter(layer, variable)) or path in head:
+        in_head = any(path == name or path.startswith(name + "/") for name in head)
+        if (path in targets and _is_adapter(layer, variable)) or in_head:
             keys.append(key)
     return keys
 
 
 def _is_adapter(layer: keras.layers.Layer, variable: keras.Variable) -> bool:
-    return getattr(layer, "lora_enabled", False) and (
-        variable is layer.lora_kernel_a or variable is layer.lora_kernel_b
+    return getattr(layer, "lora_enabled", False) and any(
+        variable is adapter for adapter in adapter_variables(layer)
     )
 
 
@@ -562,7 +802,7 @@ def _check_base(model: keras.Model, saved: Mapping[str, str], adapter_keys: set[
 
 
 def _lora_key(key: str) -> bool:
-    return key.endswith(("/lora_kernel_a", "/lora_kernel_b"))
+    return key.endswith(_ADAPTER_SUFFIXES)
 
 
 def _check_head_shapes(
@@ -614,17 +854,25 @@ def merged_copy(model: keras.Model) -> keras.Model:
         copy = type(model).from_config(_strip_lora(model.get_config()))
     except Exception as exc:
         raise SaveError(f"cannot build a merged copy of {model.name!r}: {exc}") from exc
-    for src, dst in zip(all_layers(model), all_layers(copy), strict=True):
-        if src.name != dst.name:
-            raise SaveError(f"merged copy: layer {src.name!r} rebuilt as {dst.name!r}.")
-        if is_container(src) or not src.weights:
-            continue
-        if getattr(src, "lora_enabled", False):
+    src_nodes, dst_nodes = _tree(model), _tree(copy)
+    for src, dst in zip(src_nodes, dst_nodes, strict=False):
+        if src.path != dst.path:
+            raise SaveError(f"merged copy: layer {src.path!r} rebuilt as {dst.path!r}.")
+        if getattr(src.layer, "lora_enabled", False):
             # Keras' own serialisation (3.15) stores `kernel + (alpha / rank) * A @ B` in the
             # kernel slot, in the order the plain layer loads.
             store: dict[str, Any] = {}
-            src.save_own_variables(store)
-            dst.load_own_variables(store)
-        else:
-            dst.set_weights(src.get_weights())
+            src.layer.save_own_variables(store)
+            dst.layer.load_own_variables(store)
+            continue
+        mine, theirs = _own_weights(src.layer), _own_weights(dst.layer)
+        if [tuple(v.shape) for v in mine] != [tuple(v.shape) for v in theirs]:
+            raise SaveError(f"merged copy: the weights of {src.path!r} were rebuilt differently.")
+        for a, b in zip(mine, theirs, strict=True):
+            b.assign(a)
+    if len(src_nodes) != len(dst_nodes):
+        raise SaveError(
+            f"merged copy: {model.name!r} has {len(src_nodes)} layers, its rebuilt copy "
+            f"{len(dst_nodes)}."
+        )
     return copy

@@ -13,6 +13,7 @@ import numpy as np
 
 from transferkit.model.graph import is_container
 from transferkit.model.layers import top_layers
+from transferkit.recipes.lora import lora_rank
 
 __all__ = [
     "LayerRow",
@@ -81,9 +82,7 @@ def layer_rows(
 
     def visit(container: keras.layers.Layer, depth: int) -> None:
         for layer in top_layers(container):
-            rank = (
-                getattr(layer, "lora_rank", None) if getattr(layer, "lora_enabled", False) else None
-            )
+            rank = lora_rank(layer)
             rows.append(
                 LayerRow(
                     name=layer.name,
