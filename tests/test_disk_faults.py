@@ -412,6 +412,34 @@ def test_full_disk_before_the_first_commit_leaves_nothing(
     assert_same(values(result.model), reference[0])
 
 
+def test_a_finished_run_on_a_read_only_disk_returns_its_result(
+    pretrained: Pretrained, few_shot: Data, disk: Disk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No lock can be taken where nothing can be written, and none is needed to read a result.
+    x, y, _, _ = few_shot
+    ckpt = disk.path / "ckpt"
+    kwargs = {**FIT, "epochs": 1}
+    first = make_tuner(pretrained).fit(x, y, checkpoint_dir=ckpt, **kwargs)
+    before = tree(ckpt)
+    if disk.real:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk.path)], check=True)
+    else:
+        real_open = os.open
+
+        def read_only(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+            writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if writing and str(path).startswith(str(disk.path)):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_open(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", read_only)
+    counter = Batches()
+    again = make_tuner(pretrained).fit(x, y, checkpoint_dir=ckpt, callbacks=[counter], **kwargs)
+    assert counter.count == 0
+    assert_same(values(again.model), values(first.model))
+    assert tree(ckpt) == before
+
+
 # ---------------------------------------------------------------- point 4: damaged files
 
 

@@ -530,6 +530,10 @@ class _Lock:
         try:
             fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                # Nobody can write here through this path, this run included: a finished run's
+                # stored result can still be read, and a write fails with its own error.
+                return cls(root, None)
             raise CheckpointError(
                 f"cannot open the lock file {str(file)!r} of checkpoint_dir {str(root)!r}: "
                 f"{os_reason(exc)}."
@@ -627,7 +631,7 @@ class CheckpointStore:
         self.close()
 
     def close(self) -> None:
-        """Releases the directory's lock; the store cannot write afterwards."""
+        """Releases the directory's lock (closing the lock file); a second call does nothing."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -734,7 +738,7 @@ class CheckpointStore:
         try:
             self._write_manifest(phases)
         except OSError as exc:
-            raise self._write_error(exc, "the manifest") from exc
+            raise self._write_error(exc, f"the manifest for phase {self.phase!r}") from exc
         self._entry, self._phases = entry, phases
 
     def _tidy(self) -> None:
@@ -746,18 +750,23 @@ class CheckpointStore:
             for rec in (gen["state"], gen["best"])
             if rec is not None
         }
-        for tmp in self.root.glob(f".{_MANIFEST}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-        if not self.directory.is_dir():
-            return
-        for file in self.directory.iterdir():
-            name = file.name
-            stale = _is_temporary(name) or (
-                name not in keep and any(p.match(name) for p in _FILE_NAME.values())
-            )
-            if stale and file.is_file():
-                with contextlib.suppress(OSError):
-                    file.unlink()
+        stale = list(self.root.glob(f".{_MANIFEST}.*.tmp"))
+        if self.directory.is_dir():
+            stale += [
+                file
+                for file in self.directory.iterdir()
+                if file.is_file()
+                and (
+                    _is_temporary(file.name)
+                    or (
+                        file.name not in keep
+                        and any(p.match(file.name) for p in _FILE_NAME.values())
+                    )
+                )
+            ]
+        for file in stale:
+            with contextlib.suppress(OSError):  # a read-only directory keeps them
+                file.unlink()
 
     # ------------------------------------------------------------ reading
 
@@ -930,7 +939,7 @@ class CheckpointStore:
             # An OSError comes before the manifest's rename: nothing refers to these files.
             for file in written:
                 file.unlink(missing_ok=True)
-            raise self._write_error(exc, f"epoch {state.next_epoch}") from exc
+            raise self._write_error(exc, f"the checkpoint of epoch {state.next_epoch}") from exc
         self._entry, self._phases = entry, phases
         self._committed = state.next_epoch
         self._tidy()
@@ -960,11 +969,11 @@ class CheckpointStore:
             kept = f"The newest complete checkpoint (next epoch {self._committed + 1}) is intact"
         if is_no_space(exc):
             return CheckpointError(
-                f"cannot write the checkpoint of {what} in {str(self.root)!r}: no space left on "
-                f"device. {kept}: free some space and re-run the same call to resume there."
+                f"cannot write {what} in {str(self.root)!r}: no space left on device. {kept}: "
+                "free some space and re-run the same call to resume there."
             )
         return CheckpointError(
-            f"cannot write the checkpoint of {what} in {str(self.root)!r}: {os_reason(exc)}. "
+            f"cannot write {what} in {str(self.root)!r}: {os_reason(exc)}. "
             f"{kept}: fix that and re-run the same call to resume there."
         )
 
