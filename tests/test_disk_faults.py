@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -638,6 +639,66 @@ def test_crafted_manifests_are_refused_without_side_effects(
         assert tree(case) == before, name
         assert_same(values(tuner.model), weights)
     assert not (tmp_path / "outside").exists()
+
+
+def _npz(**arrays: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _meta(**changes: Any) -> np.ndarray:
+    meta = {
+        "next_epoch": 3,
+        "history": {"loss": [1.0, 0.9, 0.8]},
+        "finished": False,
+        "diverged": False,
+        "model_count": 1,
+        "optimizer_count": 0,
+        **changes,
+    }
+    return np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+
+def test_crafted_state_files_are_refused_without_side_effects(
+    pretrained: Pretrained, few_shot: Data, pristine: Path, tmp_path: Path
+) -> None:
+    # A crafted state file comes with a manifest that records its true checksum: what is inside
+    # must still be checked before anything is loaded.
+    objects = np.empty(2, dtype=object)
+    objects[:] = [{"pickled": True}, print]
+    cases = {
+        "not a zip": (b"PK\x03\x04" + b"\0" * 64, "unreadable"),
+        "pickled object array": (_npz(meta=_meta(), m0=objects), "unreadable.*allow_pickle"),
+        "epoch as a string": (_npz(meta=_meta(next_epoch="3"), m0=np.zeros(2)), "'next_epoch'"),
+        "negative epoch": (_npz(meta=_meta(next_epoch=-1), m0=np.zeros(2)), "'next_epoch'"),
+        "huge count": (_npz(meta=_meta(model_count=10**12), m0=np.zeros(2)), "'model_count'"),
+        "history of strings": (
+            _npz(meta=_meta(history={"loss": ["x"]}), m0=np.zeros(2)),
+            "'history'",
+        ),
+        "record not JSON": (
+            _npz(meta=np.frombuffer(b"{oops", np.uint8), m0=np.zeros(2)),
+            "unreadable",
+        ),
+        "weights of other shapes": (_npz(meta=_meta(), m0=np.zeros(2)), "do not fit this model"),
+    }
+    tuner = make_tuner(pretrained)
+    weights = values(tuner.model)
+    x, y, _, _ = few_shot
+    for name, (content, match) in cases.items():
+        ckpt = copy_of(pristine, tmp_path / name.replace(" ", "_"))
+        manifest = manifest_of(ckpt)
+        for gen in manifest["phases"][0]["generations"]:
+            (ckpt / "fit" / gen["state"]["file"]).write_bytes(content)
+            gen["state"].update(sha256=hashlib.sha256(content).hexdigest(), size=len(content))
+        manifest["checksum"] = checksum(manifest)
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+        before = tree(ckpt, skip=(".lock",))
+        with pytest.raises(CheckpointError, match=match):
+            tuner.fit(x, y, checkpoint_dir=ckpt, restore_best=True, **FIT)
+        assert tree(ckpt, skip=(".lock",)) == before, name
+        assert_same(values(tuner.model), weights)
 
 
 # ---------------------------------------------------------------- point 5: one writer
