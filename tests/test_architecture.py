@@ -28,7 +28,7 @@ Layers = Sequence[tuple[str, Sequence[Sequence[str]]]]
 
 LAYERS: Layers = (
     ("foundation", (("transferkit._version", "transferkit.errors"),)),
-    ("utils", (("transferkit._utils.checks",),)),
+    ("utils", (("transferkit._utils.checks", "transferkit._utils.files"),)),
     (
         "model",
         (

@@ -8,6 +8,7 @@ FitResult's model, and every file under the test directory exactly as they were.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,58 @@ def nan_x(env: Env) -> np.ndarray:
     x = env.x.copy()
     x[3, 2, 2, 0] = np.nan
     return x
+
+
+def _signed(manifest: dict[str, Any]) -> bytes:
+    # What a crafted manifest carries: a correct checksum, so the checks behind it must hold.
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return json.dumps({**body, "checksum": hashlib.sha256(text.encode()).hexdigest()}).encode()
+
+
+def _crafted_checkpoint(env: Env, name: str, craft: Callable[[Path], None]) -> FineTuner:
+    """A copy of the foreign checkpoint, changed by `craft` (made once), and a ready tuner."""
+    ckpt = env.root / name
+    if not ckpt.exists():
+        for src in sorted(env.foreign_ckpt.rglob("*")):
+            dst = ckpt / src.relative_to(env.foreign_ckpt)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_file():
+                dst.write_bytes(src.read_bytes())
+        craft(ckpt)
+    return ready(env)
+
+
+def _edit_manifest(ckpt: Path, edit: Callable[[dict[str, Any]], None], *, sign: bool) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    edit(manifest)
+    (ckpt / "manifest.json").write_bytes(
+        _signed(manifest) if sign else json.dumps(manifest).encode()
+    )
+
+
+def manifest_edited(env: Env) -> FineTuner:
+    return _crafted_checkpoint(
+        env,
+        "edited_ckpt",
+        lambda c: _edit_manifest(c, lambda m: m["phases"][0].update(serial=7), sign=False),
+    )
+
+
+def manifest_escapes(env: Env) -> FineTuner:
+    def escape(manifest: dict[str, Any]) -> None:
+        manifest["phases"][0]["generations"][0]["state"]["file"] = "../../notes.txt"
+
+    return _crafted_checkpoint(env, "escaping_ckpt", lambda c: _edit_manifest(c, escape, sign=True))
+
+
+def all_states_damaged(env: Env) -> FineTuner:
+    ckpt = env.root / "damaged_ckpt"
+    if not ckpt.exists():
+        ready(env).fit(env.x, env.y, epochs=1, verbose=0, checkpoint_dir=ckpt)
+        for state in (ckpt / "fit").glob("*.state.npz"):
+            state.write_bytes(state.read_bytes()[:100])
+    return ready(env)
 
 
 Case = tuple[str, Callable[[Env], Any], Callable[[Any, Env], Any], type[Exception], str]
@@ -408,6 +461,27 @@ CASES: list[Case] = [
         lambda t, e: t.fit(e.x, e.y, verbose=0, checkpoint_dir=e.root / "a_dir"),
         CheckpointError,
         "not a transferkit checkpoint",
+    ),
+    (
+        "checkpoint manifest edited",
+        manifest_edited,
+        lambda t, e: t.fit(e.x, e.y, epochs=1, verbose=0, checkpoint_dir=e.root / "edited_ckpt"),
+        CheckpointError,
+        "manifest.json.*damaged.*checksum does not match",
+    ),
+    (
+        "checkpoint manifest names a file outside",
+        manifest_escapes,
+        lambda t, e: t.fit(e.x, e.y, epochs=1, verbose=0, checkpoint_dir=e.root / "escaping_ckpt"),
+        CheckpointError,
+        "'../../notes.txt'.*is not allowed",
+    ),
+    (
+        "checkpoint with every state damaged",
+        all_states_damaged,
+        lambda t, e: t.fit(e.x, e.y, epochs=1, verbose=0, checkpoint_dir=e.root / "damaged_ckpt"),
+        CheckpointError,
+        "no intact checkpoint.*state.npz.*bytes where",
     ),
     # --- model files
     (

@@ -122,9 +122,7 @@ class Case:
 
 
 CASES = {
-    "resnet": Case(
-        _resnet, _images, "stack1_block0_1_conv", "conv1_conv", None, True, "conv"
-    ),
+    "resnet": Case(_resnet, _images, "stack1_block0_1_conv", "conv1_conv", None, True, "conv"),
     "vit": Case(
         _vit,
         _images,

@@ -110,7 +110,7 @@ def test_interrupt_then_resume_matches_uninterrupted(
     first = tuner.fit(x, y, checkpoint_dir=ckpt, callbacks=[rec, InterruptAt(2, 3)], **FIT)
     assert first.interrupted and first.epochs == 2
     assert_same(values(first.model), rec.epochs[1], rtol=0)  # end of the last finished epoch
-    assert sorted(p.name for p in ckpt.iterdir()) == ["fit", "manifest.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "fit", "manifest.json"]
 
     # A rebuilt model (new auto-generated names) resumes at epoch 3 and joins the history.
     tuner2 = make_tuner(pretrained)

@@ -60,7 +60,12 @@ class SaveError(TransferkitError, OSError):
 
 
 class CheckpointError(TransferkitError):
-    """A checkpoint directory that belongs to another model or plan, or is unreadable."""
+    """A checkpoint directory that cannot be used as it is.
+
+    It belongs to another model or plan, another process is writing it, its manifest or every
+    stored state is damaged (the message names the files), or a checkpoint could not be written
+    (a full disk: "no space left"; what was committed before stays loadable).
+    """
 
 
 class MissingExtraError(TransferkitError, ImportError):

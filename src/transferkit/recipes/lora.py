@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import keras
 import numpy as np
 
 from transferkit._utils.checks import check_positive_number
+from transferkit._utils.files import atomic_write_bytes, os_reason
 from transferkit.errors import (
     AdapterMismatchError,
     ConfigError,
@@ -627,16 +627,12 @@ def save_adapters(model: keras.Model, config: LoraConfig, path: str | os.PathLik
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
         raise SaveError(f"cannot save to {str(target)!r}: directory does not exist.")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=directory)
+    savez: Any = np.savez
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp_name, target)
-    except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SaveError(f"writing adapters to {str(target)!r} failed: {exc}") from exc
-        raise
+        # Flushed to disk and renamed into place; the temporary file is removed on any failure.
+        atomic_write_bytes(target, lambda fh: savez(fh, **arrays))
+    except OSError as exc:
+        raise SaveError(f"writing adapters to {str(target)!r} failed: {os_reason(exc)}") from exc
     return target
 
 

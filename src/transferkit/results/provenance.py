@@ -20,9 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from transferkit._utils.files import atomic_write_bytes, hash_arrays
 from transferkit.errors import ModelLoadError, SaveError
 from transferkit.model.layers import leaf_layers
-from transferkit.results.checkpoints import atomic_write_bytes, hash_arrays
 
 __all__ = [
     "PROVENANCE_SUFFIX",
@@ -31,6 +31,7 @@ __all__ = [
     "fit_context",
     "load",
     "provenance_path",
+    "provenance_text",
     "versions",
     "write_provenance",
 ]
@@ -129,6 +130,33 @@ def fit_context(
     }
 
 
+def provenance_text(
+    model_path: Path,
+    context: Mapping[str, Any],
+    outcome: Mapping[str, Any],
+    *,
+    name: str | None = None,
+) -> str:
+    """The JSON text of the record of the model file at `model_path`.
+
+    Args:
+        model_path: the saved model file (a temporary file before its rename, with `name`).
+        context: `fit_context(...)` (may be empty for a bare model).
+        outcome: history, epochs, best epoch and flags of the fit.
+        name: the file name to record, when `model_path` is not yet at its final name.
+    """
+    record = {
+        "format": "transferkit.provenance",
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_file": {"name": name or model_path.name, "sha256": file_sha256(model_path)},
+        **{k: v for k, v in context.items()},
+        **{k: describe_value(v) for k, v in outcome.items()},
+        "versions": versions(),
+    }
+    return json.dumps(record, indent=2, sort_keys=True, allow_nan=True)
+
+
 def write_provenance(
     model_path: Path, context: Mapping[str, Any], outcome: Mapping[str, Any]
 ) -> Path:
@@ -145,17 +173,8 @@ def write_provenance(
     Raises:
         SaveError: the record could not be written.
     """
-    record = {
-        "format": "transferkit.provenance",
-        "version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model_file": {"name": model_path.name, "sha256": file_sha256(model_path)},
-        **{k: v for k, v in context.items()},
-        **{k: describe_value(v) for k, v in outcome.items()},
-        "versions": versions(),
-    }
     target = provenance_path(model_path)
-    text = json.dumps(record, indent=2, sort_keys=True, allow_nan=True)
+    text = provenance_text(model_path, context, outcome)
     try:
         atomic_write_bytes(target, lambda fh: fh.write(text.encode("utf-8")))
     except OSError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from transferkit._utils.files import fsync_dir, fsync_file, is_no_space, os_reason
 from transferkit.errors import ConfigError, SaveError
 
 __all__ = ["FitResult", "atomic_save_model", "best_of"]
@@ -35,15 +36,7 @@ def _plain_loadable(model: keras.Model, suffix: str) -> dict[str, Any]:
     return {"include_optimizer": False} if suffix in (".h5", ".hdf5") else {}
 
 
-def atomic_save_model(model: keras.Model, path: str | os.PathLike[str]) -> Path:
-    """Saves `model` to `path` through a temporary file in the same directory and a rename.
-
-    An error mid-save leaves any file that was already at `path` intact.
-
-    Raises:
-        ConfigError: unsupported suffix.
-        SaveError: the directory is missing or not writable, or Keras failed to save.
-    """
+def _save_target(path: str | os.PathLike[str]) -> Path:
     target = Path(os.fspath(path))
     suffix = target.suffix.lower()
     if suffix not in (".keras", ".h5", ".hdf5"):
@@ -57,20 +50,82 @@ def atomic_save_model(model: keras.Model, path: str | os.PathLike[str]) -> Path:
         )
     if target.is_dir():
         raise SaveError(f"cannot save to {str(target)!r}: it is a directory.")
+    return target
+
+
+def _save_failed(target: Path, exc: BaseException) -> SaveError:
+    hint = " Free some space and save again." if is_no_space(exc) else ""
+    return SaveError(
+        f"cannot save to {str(target)!r}: {os_reason(exc)}. Any file that was at that path is "
+        f"unchanged.{hint}"
+    )
+
+
+def _stage_model(model: keras.Model, target: Path) -> Path:
+    """Saves `model` to a temporary file beside `target`, flushed to disk; removed on failure."""
+    suffix = target.suffix.lower()
+    directory = target.parent if str(target.parent) else Path(".")
     try:
+        # Keras checks the suffix of the name it writes to.
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=directory)
     except OSError as exc:
-        raise SaveError(f"cannot save to {str(target)!r}: {exc.strerror or exc}.") from exc
+        raise _save_failed(target, exc) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         model.save(tmp, **_plain_loadable(model, suffix))
-        os.replace(tmp, target)
+        fsync_file(tmp)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception):
-            raise SaveError(f"saving to {str(target)!r} failed: {exc}") from exc
+            raise _save_failed(target, exc) from exc
         raise
+    return tmp
+
+
+def _stage_bytes(target: Path, data: bytes) -> Path:
+    """Writes `data` to a temporary file beside `target`, flushed to disk; removed on failure."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _commit(renames: list[tuple[Path, Path]]) -> None:
+    """Renames each staged file onto its final path; the staged files left are removed."""
+    try:
+        for tmp, final in renames:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in renames:
+            tmp.unlink(missing_ok=True)
+    fsync_dir(renames[0][1].parent)
+
+
+def atomic_save_model(model: keras.Model, path: str | os.PathLike[str]) -> Path:
+    """Saves `model` to `path` through a temporary file in the same directory and a rename.
+
+    The temporary file is flushed to disk before the rename. An error mid-save (a full disk
+    included) leaves any file that was already at `path` intact, and no temporary file behind.
+
+    Raises:
+        ConfigError: unsupported suffix.
+        SaveError: the directory is missing or not writable, the disk is full, or Keras failed
+            to save; the message names the path and the operating system's error.
+    """
+    target = _save_target(path)
+    tmp = _stage_model(model, target)
+    try:
+        _commit([(tmp, target)])
+    except OSError as exc:
+        raise _save_failed(target, exc) from exc
     return target
 
 
@@ -177,16 +232,18 @@ class FitResult:
 
         Raises:
             ConfigError: unsupported file suffix.
-            SaveError: the file could not be written; an existing file at `path` is kept.
+            SaveError: the file could not be written (the message names the path and the
+                operating system's error, "No space left on device" on a full disk); an existing
+                file at `path` and its record are kept, and no temporary file is left.
         """
         from transferkit.recipes.lora import has_lora, merged_copy
-        from transferkit.results.provenance import write_provenance
+        from transferkit.results.provenance import provenance_path, provenance_text
 
         # A LoRA model saves as a plain one with the adapters merged (Keras cannot reload an
         # .h5 of a LoRA model; a .keras one reloads with zeroed adapters). The live model keeps
         # its adapters.
         model = merged_copy(self.model) if has_lora(self.model) else self.model
-        target = atomic_save_model(model, path)
+        target = _save_target(path)
         outcome = {
             "history": self.history,
             "epochs": self.epochs,
@@ -196,7 +253,24 @@ class FitResult:
             "interrupted": self.interrupted,
             "diverged": self.diverged,
         }
-        write_provenance(target, self.extras.get("provenance", {}), outcome)
+        # Both files are staged before either is renamed: a disk that fills up while writing
+        # the record leaves the old model and its old record in place.
+        tmp = _stage_model(model, target)
+        record = provenance_path(target)
+        try:
+            text = provenance_text(
+                tmp, self.extras.get("provenance", {}), outcome, name=target.name
+            )
+            tmp_record = _stage_bytes(record, text.encode("utf-8"))
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _save_failed(target, exc) from exc
+            raise
+        try:
+            _commit([(tmp, target), (tmp_record, record)])
+        except OSError as exc:
+            raise _save_failed(target, exc) from exc
         return target
 
     def save_adapters(self, path: str | os.PathLike[str]) -> Path:

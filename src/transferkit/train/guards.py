@@ -207,15 +207,15 @@ class FitGuard(keras.callbacks.Callback):  # type: ignore[misc]
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
         self.good = _Snapshot(epoch + 1, values, self._optimizer_values())
+        new_best = None
         if self.keep_best:
             monitor = "val_loss" if "val_loss" in self.history else "loss"
             best_epoch, _ = best_of(self.history, monitor)
             if best_epoch == len(self.history.get(monitor, [])):
-                self.best = (epoch + 1, values)
-                if self.store is not None:
-                    self.store.save_best(epoch + 1, values)
+                self.best = new_best = (epoch + 1, values)
         if self.store is not None:
-            self.store.save(self._phase_state(finished=False))
+            # One commit: the state and the best weights it goes with.
+            self.store.save(self._phase_state(finished=False), best=new_best)
 
 
 @dataclass
@@ -285,7 +285,7 @@ def _warn_diverged(guard: FitGuard) -> None:
         f"rolled back to {target}, the last state with a finite loss and finite weights. Lower "
         "the learning rate, or check the data and the loss.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,
     )
 
 
@@ -318,7 +318,9 @@ def guarded_fit(
         A `GuardedFit`.
 
     Raises:
-        CheckpointError: `checkpoint_dir` belongs to another model or plan, or is unreadable.
+        CheckpointError: `checkpoint_dir` belongs to another model or plan, another process is
+            writing it, no intact state is left in it, or a checkpoint cannot be written (a full
+            disk); what was committed before stays loadable.
         ConfigError: `callbacks` is not a list of callbacks.
     """
     kwargs = dict(fit_kwargs)
@@ -329,17 +331,37 @@ def guarded_fit(
         raise ConfigError(
             f"callbacks must be a list of keras.callbacks.Callback, got {type(callbacks).__name__}."
         )
+    if checkpoint_dir is None:
+        return _guarded(
+            model, x, y, kwargs, callbacks, executor, None, restore_best, raise_on_interrupt
+        )
+    plan = fit_plan(model, x, y, kwargs, phase=phase, restore_best=restore_best)
+    # The store holds the directory's lock until the fit is over, however it ends.
+    with CheckpointStore.open(checkpoint_dir, phase, fingerprint(model, plan), plan) as store:
+        return _guarded(
+            model, x, y, kwargs, callbacks, executor, store, restore_best, raise_on_interrupt
+        )
+
+
+def _guarded(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    kwargs: dict[str, Any],
+    callbacks: Sequence[Any] | None,
+    executor: Callable[[keras.Model, Any, Any, dict[str, Any]], R],
+    store: CheckpointStore | None,
+    restore_best: bool,
+    raise_on_interrupt: bool,
+) -> GuardedFit[R]:
     start = int(kwargs.get("initial_epoch", 0) or 0)
     history: dict[str, list[float]] = {}
-    store: CheckpointStore | None = None
     resume_optimizer: list[np.ndarray] | None = None
     best: tuple[int, list[np.ndarray]] | None = None
-    if checkpoint_dir is not None:
-        plan = fit_plan(model, x, y, kwargs, phase=phase, restore_best=restore_best)
-        store = CheckpointStore.open(checkpoint_dir, phase, fingerprint(model, plan), plan)
-        state = store.load()
+    if store is not None:
+        # Verified (checksums, two generations) before anything is assigned to the model.
+        state = store.load(best=restore_best)
         if state is not None:
-            before = _values(model.variables)
             _assign(model.variables, state.model_values, "weights")
             if state.finished:
                 return GuardedFit(
@@ -349,11 +371,7 @@ def guarded_fit(
                     cached=state.cached,
                     cache_layer=state.cache_layer,
                 )
-            try:
-                best = store.load_best() if restore_best else None
-            except CheckpointError:
-                _assign(model.variables, before, "weights")
-                raise
+            best = state.best
             resume_optimizer = state.optimizer_values
             history = state.history
             start = state.next_epoch
