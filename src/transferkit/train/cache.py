@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from transferkit.errors import ConfigError
+from transferkit.model.dropout import runs_in_inference
 from transferkit.model.graph import derived_model, fresh_inputs, replay
 from transferkit.train.distribution import prepare_model
 from transferkit.train.executor import Executor, ExecutorResult, plain_executor
@@ -119,6 +120,8 @@ def layer_blocker(layer: Any) -> str | None:
         return None
     subs = _sublayers(layer)
     for sub in subs:
+        if runs_in_inference(sub):  # dropout="frozen": the identity inside frozen ranges
+            continue
         if isinstance(sub, RANDOM_LAYER_TYPES) or _seed_generators(sub):
             return f"is random in training mode ({type(sub).__name__})"
         if isinstance(sub, keras.layers.BatchNormalization) and sub.trainable:
