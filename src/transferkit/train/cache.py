@@ -419,8 +419,8 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     tensors = {id(t): t for n in nodes for t in keras.tree.flatten(n.outputs)}
     tensors.update({id(t): t for t in flat.inputs})
     frontier = [tensors[t] for t in frontier_ids]
-    if any(d is None for t in frontier for d in tuple(t.shape)[1:]):
-        return "the cut tensor has a dynamic shape"
+    # Axes that are None in the graph (a sequence length) get the sizes the data has when the
+    # features are stored (`_Store`); the suffix keeps the graph's None.
     try:
         # The user's batches (a dict keyed like the model's inputs, too) go to the prefix as is.
         prefix = derived_model(model, flat.inputs, frontier, f"{model.name}_prefix")
@@ -493,6 +493,10 @@ class _Budget:
         return True
 
 
+class _ShapeChange(Exception):
+    """A cut tensor with None axes took different shapes in different batches."""
+
+
 class _Store:
     """Rows of one feature tensor: in memory while the budget lasts, else a memmapped file."""
 
@@ -513,6 +517,8 @@ class _Store:
             self._tail, self._dtype = batch.shape[1:], batch.dtype
             if self._rows is not None:
                 self._allocate(self._rows)
+        elif batch.shape[1:] != self._tail:
+            raise _ShapeChange(f"{self._tail} then {batch.shape[1:]}")
         if self._array is not None:
             self._array[self._n : self._n + len(batch)] = batch
         elif self._file is not None:
@@ -946,6 +952,11 @@ def _fit_cached(
 ) -> dict[str, list[float]] | str:
     try:
         got = _cached_features(plan, x, y, kw, budget, spill)
+    except _ShapeChange as exc:
+        return (
+            "the cut tensor has axes that are None in the graph and whose sizes change between "
+            f"batches ({exc}); pad the data to one length to cache it"
+        )
     except Exception as exc:
         # Nothing has trained yet (the prefix only ran forward, frozen), so the fit can still
         # go the plain way, where Keras reports a genuine data error in its own words.
