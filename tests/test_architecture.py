@@ -32,7 +32,7 @@ LAYERS: Layers = (
     (
         "model",
         (
-            ("transferkit.model.graph", "transferkit.model.keras2"),
+            ("transferkit.model.dropout", "transferkit.model.graph", "transferkit.model.keras2"),
             ("transferkit.model.layers",),
             ("transferkit.model.heads", "transferkit.model.loading"),
         ),

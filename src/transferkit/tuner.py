@@ -26,6 +26,7 @@ from transferkit.compile.spec import (
 )
 from transferkit.data.checks import check_fit_data, is_array_like, label_rule
 from transferkit.errors import ConfigError, NotCompiledError, TransferkitError
+from transferkit.model.dropout import DropoutPolicy, apply_dropout_policy, check_dropout_policy
 from transferkit.model.heads import HeadSpec, Pool, build_head, default_cut
 from transferkit.model.layers import (
     BatchNormPolicy,
@@ -88,6 +89,11 @@ class FineTuner:
             a copy. When False it works in place.
         batchnorm: "frozen" (default) keeps every BatchNormalization layer in inference mode with
             unchanged moving statistics, even in an unfrozen range; "train" lets them train.
+        dropout: "train" (default, Keras semantics) keeps Dropout-family and noise layers
+            random during `fit` even when frozen; "frozen" runs those whose `trainable` flag is
+            False (inside frozen ranges) in inference mode, as the Keras guide's
+            `base(x, training=False)` does. The new head's and unfrozen layers keep their
+            Dropout either way. "frozen" lets the feature cache reach past stochastic depth.
         custom_objects: custom classes or functions the model file refers to.
         safe_mode: True (default) for files you did not write: no `Lambda` code runs and
             Keras 2 op layers may call only pure tensor operations (docs/security.md).
@@ -120,11 +126,13 @@ class FineTuner:
         *,
         copy: bool = True,
         batchnorm: BatchNormPolicy = "frozen",
+        dropout: DropoutPolicy = "train",
         custom_objects: Mapping[str, Any] | None = None,
         safe_mode: bool = True,
         strategy: tf.distribute.Strategy | None = None,
     ) -> None:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
+        self._dropout: DropoutPolicy = check_dropout_policy(dropout)
         self._source: Path | None = None
         self._source_sha256: str | None = None
         self._strategy = resolve_strategy(strategy, model, copy=copy)
@@ -151,6 +159,7 @@ class FineTuner:
         self._phase = "fit"
         self._lora: _lora.LoraConfig | None = None
         apply_flags(self._model, {}, batchnorm=self._batchnorm)
+        apply_dropout_policy(self._model, self._dropout)
 
     @classmethod
     def load(
@@ -159,6 +168,7 @@ class FineTuner:
         *,
         copy: bool = True,
         batchnorm: BatchNormPolicy = "frozen",
+        dropout: DropoutPolicy = "train",
         custom_objects: Mapping[str, Any] | None = None,
         safe_mode: bool = True,
         strategy: tf.distribute.Strategy | None = None,
@@ -168,6 +178,7 @@ class FineTuner:
             path,
             copy=copy,
             batchnorm=batchnorm,
+            dropout=dropout,
             custom_objects=custom_objects,
             safe_mode=safe_mode,
             strategy=strategy,
@@ -189,6 +200,11 @@ class FineTuner:
     def batchnorm(self) -> BatchNormPolicy:
         """The BatchNormalization policy: "frozen" or "train"."""
         return self._batchnorm
+
+    @property
+    def dropout(self) -> DropoutPolicy:
+        """The Dropout policy: "train" (Keras semantics) or "frozen"."""
+        return self._dropout
 
     @property
     def source(self) -> Path | None:
@@ -574,10 +590,14 @@ class FineTuner:
             phase=self._phase,
         )
         bind_callbacks(self, fit_kwargs.get("callbacks"))
+        # Layers added since (a new head, LoRA) follow the policy too.
+        apply_dropout_policy(model, self._dropout)
         # Executors (the cache's head model, checkpoint callbacks) may create variables.
         with self._scope():
             result = run_fit(model, x, y, fit_kwargs, options)
-        result.extras["provenance"] = self._provenance_context({**vars(options), **fit_kwargs})
+        result.extras["provenance"] = self._provenance_context(
+            {**vars(options), "dropout": self._dropout, **fit_kwargs}
+        )
         if self._lora is not None:
             result.extras["lora"] = self._lora_config()
         return result
@@ -684,6 +704,7 @@ class FineTuner:
         joined.extras["provenance"] = self._provenance_context(
             {
                 "recipe": "fine_tune",
+                "dropout": self._dropout,
                 "head_epochs": head_epochs,
                 "epochs": epochs,
                 "lr_factor": lr_factor,

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from transferkit.errors import ConfigError
+from transferkit.model.dropout import runs_in_inference
 from transferkit.model.graph import derived_model, fresh_inputs, replay
 from transferkit.train.distribution import prepare_model
 from transferkit.train.executor import Executor, ExecutorResult, plain_executor
@@ -51,6 +52,7 @@ __all__ = [
     "cut_frontier",
     "dataset_randomness",
     "is_inert",
+    "dataset_shuffle",
     "layer_blocker",
     "make_cached_executor",
     "plan_cache",
@@ -151,7 +153,7 @@ def layer_blocker(layer: Any) -> str | None:
         return None
     subs = _sublayers(layer)
     for sub in subs:
-        if is_inert(sub):
+        if is_inert(sub) or runs_in_inference(sub):  # rate 0, or dropout="frozen"
             continue
         if isinstance(sub, RANDOM_LAYER_TYPES) or _seed_generators(sub):
             return f"is random in training mode ({type(sub).__name__})"
@@ -218,6 +220,63 @@ def dataset_randomness(dataset: Any) -> tuple[str | None, str | None]:
         each iteration, a map with random ops), or None; and why it cannot be told (Python code
         inside the pipeline), or None.
     """
+    walk = _walk_pipeline(dataset)
+    shuffled = "it shuffles in every epoch (`shuffle()` reshuffles)" if walk.shuffle else None
+    return walk.random or walk.shuffle_problem or shuffled, walk.opaque
+
+
+def dataset_shuffle(dataset: Any) -> tuple[Shuffle, str | None]:
+    """How a `tf.data.Dataset` reorders itself in each epoch, when that is all it changes.
+
+    Args:
+        dataset: a `tf.data.Dataset`.
+
+    Returns:
+        `(kind, problem)`: kind is False (the same order every epoch), "elements" (elements are
+        reshuffled before a `batch()`: new batches each epoch) or "batch" (whole batches are
+        reshuffled: the same batches in a new order); problem says why the reshuffle cannot be
+        replayed on cached features (a step after it that depends on the order, such as
+        `take()`, `zip()` or `padded_batch()`), or None. Random maps are `dataset_randomness`'s.
+
+    Example:
+
+    >>> ds = tf.data.Dataset.range(8).shuffle(8).batch(4)
+    >>> dataset_shuffle(ds)
+    ('elements', None)
+    """
+    walk = _walk_pipeline(dataset)
+    return walk.shuffle, walk.shuffle_problem
+
+
+Shuffle = Literal[False, "elements", "batch"]
+
+# Dataset ops that may come after (be closer to the output than) a reshuffle and keep what an
+# epoch holds independent of the order: per-element maps (checked for random ops separately),
+# filters, one batch(), and plumbing.
+_ORDER_SAFE_OPS = (
+    "MapDataset",
+    "ParallelMapDataset",
+    "FilterDataset",
+    "PrefetchDataset",
+    "ModelDataset",
+    "OptionsDataset",
+    "MaxIntraOpParallelismDataset",
+    "PrivateThreadPoolDataset",
+    "AssertCardinalityDataset",
+    "ShuffleDataset",
+)
+_BATCH_OPS = ("BatchDataset", "ParallelBatchDataset")
+
+
+@dataclass
+class _Walk:
+    random: str | None = None
+    opaque: str | None = None
+    shuffle: Shuffle = False
+    shuffle_problem: str | None = None
+
+
+def _walk_pipeline(dataset: Any) -> _Walk:
     import tensorflow as tf
 
     # Private API (checked on TensorFlow 2.21): the serialized GraphDef of the pipeline.
@@ -228,32 +287,67 @@ def dataset_randomness(dataset: Any) -> tuple[str | None, str | None]:
     by_name = {n.name: n for n in graph.node}
     functions = {f.signature.name: f for f in graph.library.function}
     consumed = {i.split(":")[0].lstrip("^") for n in graph.node for i in n.input}
-    stack = [n.name for n in graph.node if n.name not in consumed]
-    seen: set[str] = set()
-    random: str | None = None
-    opaque: str | None = None
+    # Each entry carries what lies between it and the output: the number of batch() steps,
+    # whether one of them drops the remainder, and the first order-dependent step, if any.
+    stack: list[tuple[str, int, bool, str | None]] = [
+        (n.name, 0, False, None) for n in graph.node if n.name not in consumed
+    ]
+    seen: set[tuple[str, int, bool, str | None]] = set()
+    walk = _Walk()
     while stack:
-        name = stack.pop()
-        if name in seen or name not in by_name:
+        entry = stack.pop()
+        name, batches, drops, unsafe = entry
+        if entry in seen or name not in by_name:
             continue
-        seen.add(name)
+        seen.add(entry)
         node = by_name[name]
         if node.op.startswith("CacheDataset"):
             continue
         if "Shuffle" in node.op:
             attr = node.attr.get("reshuffle_each_iteration")
             if attr is None or attr.b:
-                random = random or "it shuffles in every epoch (`shuffle()` reshuffles)"
+                _note_shuffle(walk, node.op, batches, drops, unsafe)
         if any(op in node.op for op in _OPAQUE_OPS):
-            opaque = opaque or f"it runs Python code ({node.op})"
+            walk.opaque = walk.opaque or f"it runs Python code ({node.op})"
         for fname in _function_refs(node):
             kind = _function_kind(fname, functions, set())
             if kind == "random":
-                random = random or f"a `{node.op}` step draws random numbers"
+                walk.random = walk.random or f"a `{node.op}` step draws random numbers"
             elif kind == "opaque":
-                opaque = opaque or f"a `{node.op}` step runs Python code"
-        stack.extend(i.split(":")[0].lstrip("^") for i in node.input)
-    return random, opaque
+                walk.opaque = walk.opaque or f"a `{node.op}` step runs Python code"
+        if "Dataset" in node.op:
+            if node.op.startswith(_BATCH_OPS):
+                batches += 1
+                drops = drops or _drops_remainder(node, by_name)
+            elif not node.op.startswith(_ORDER_SAFE_OPS):
+                unsafe = unsafe or node.op
+        stack.extend((i.split(":")[0].lstrip("^"), batches, drops, unsafe) for i in node.input)
+    return walk
+
+
+def _note_shuffle(walk: _Walk, op: str, batches: int, drops: bool, unsafe: str | None) -> None:
+    if "Repeat" in op:
+        return  # shuffle_and_repeat: infinite, refused on its cardinality
+    problem = None
+    if unsafe is not None:
+        problem = f"a `{unsafe}` step after its reshuffle depends on the order"
+    elif batches > 1:
+        problem = "it batches more than once after its reshuffle"
+    elif batches == 1 and drops:
+        problem = "`batch(drop_remainder=True)` after its reshuffle drops other samples each epoch"
+    if problem is not None:
+        walk.shuffle_problem = walk.shuffle_problem or problem
+    elif batches == 1:
+        walk.shuffle = "elements"
+    elif walk.shuffle is False:
+        walk.shuffle = "batch"
+
+
+def _drops_remainder(node: Any, by_name: dict[str, Any]) -> bool:
+    # BatchDatasetV2 / ParallelBatchDataset take drop_remainder as their last input, a Const.
+    const = by_name.get(node.input[-1].split(":")[0]) if node.input else None
+    value = getattr(const, "attr", {}).get("value") if const is not None else None
+    return bool(value is None or not value.tensor.bool_val or value.tensor.bool_val[0])
 
 
 def _function_refs(node: Any) -> list[str]:
@@ -357,8 +451,8 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     tensors = {id(t): t for n in nodes for t in keras.tree.flatten(n.outputs)}
     tensors.update({id(t): t for t in flat.inputs})
     frontier = [tensors[t] for t in frontier_ids]
-    if any(d is None for t in frontier for d in tuple(t.shape)[1:]):
-        return "the cut tensor has a dynamic shape"
+    # Axes that are None in the graph (a sequence length) get the sizes the data has when the
+    # features are stored (`_Store`); the suffix keeps the graph's None.
     try:
         # The user's batches (a dict keyed like the model's inputs, too) go to the prefix as is.
         prefix = derived_model(model, flat.inputs, frontier, f"{model.name}_prefix")
@@ -431,6 +525,10 @@ class _Budget:
         return True
 
 
+class _ShapeChange(Exception):
+    """A cut tensor with None axes took different shapes in different batches."""
+
+
 class _Store:
     """Rows of one feature tensor: in memory while the budget lasts, else a memmapped file."""
 
@@ -451,6 +549,8 @@ class _Store:
             self._tail, self._dtype = batch.shape[1:], batch.dtype
             if self._rows is not None:
                 self._allocate(self._rows)
+        elif batch.shape[1:] != self._tail:
+            raise _ShapeChange(f"{self._tail} then {batch.shape[1:]}")
         if self._array is not None:
             self._array[self._n : self._n + len(batch)] = batch
         elif self._file is not None:
@@ -594,7 +694,13 @@ def _array_features(
 
 
 def _dataset_features(
-    fn: Any, n_cuts: int, dataset: Any, budget: _Budget, spill: _SpillDir, verbose: Any
+    fn: Any,
+    n_cuts: int,
+    dataset: Any,
+    budget: _Budget,
+    spill: _SpillDir,
+    verbose: Any,
+    batches_reorder: bool = False,
 ) -> _Features | str:
     card = int(dataset.cardinality())
     bar = _progbar(card if card > 0 else None, verbose)
@@ -615,13 +721,30 @@ def _dataset_features(
             bar.update(step + 1)
     if not sizes:
         return "the dataset is empty"
-    if any(s != sizes[0] for s in sizes[:-1]) or sizes[-1] > sizes[0]:
-        return "its batches have irregular sizes"
     if any(s is None for s in sws) and not all(s is None for s in sws):
         return "only some of its elements carry sample weights"
+    full = max(sizes)
+    partial = [i for i, s in enumerate(sizes) if s != full]
+    if len(partial) > 1 or (partial and partial[0] != len(sizes) - 1 and not batches_reorder):
+        return "its batches have irregular sizes"
     y = keras.tree.map_structure(lambda *parts: np.concatenate(parts), *ys)
     sw = None if sws[0] is None else np.concatenate(sws)
-    return _Features([s.finish() for s in stores], y, sw, batch_size=sizes[0])
+    x = [s.finish() for s in stores]
+    if partial and partial[0] != len(sizes) - 1:
+        # Its batches are reshuffled in every epoch, so their order here is one draw among
+        # many: the smaller batch moves to the end, where the cached batching expects it.
+        if _is_spilled(x):
+            return "its smaller batch came in the middle and the features were spilled to disk"
+        lo = partial[0] * full
+        hi = lo + sizes[partial[0]]
+
+        def last(a: np.ndarray) -> np.ndarray:
+            return np.concatenate([a[:lo], a[hi:], a[lo:hi]])
+
+        x = [last(a) for a in x]
+        y = keras.tree.map_structure(last, y)
+        sw = None if sw is None else last(sw)
+    return _Features(x, y, sw, batch_size=full)
 
 
 # --------------------------------------------------------------------------- callback glue
@@ -726,13 +849,17 @@ def _dataset_reason(ds: Any, mode: Mode, what: str) -> str | None:
     card = int(ds.cardinality())
     if card < 0 and card != -2:  # INFINITE; UNKNOWN (-2) is finite in practice for fit
         return f"{what} is infinite (`repeat()`)"
-    random, opaque = dataset_randomness(ds)
+    # A reshuffle alone is replayed on the cached features (train_suffix); validation metrics
+    # do not depend on the order at all.
+    walk = _walk_pipeline(ds)
+    random = walk.random or walk.shuffle_problem
     if random:
         return (
             f"{what} changes between epochs: {random}. To cache it, fix the data: call "
             "`.cache()` after the random steps (one draw for every epoch, which plain fit then "
             "sees too) or shuffle with `reshuffle_each_iteration=False`"
         )
+    opaque = walk.opaque
     if opaque and mode == "auto":
         return (
             f"{what} may change between epochs: {opaque}. Pass cache=True if it yields the same "
@@ -857,6 +984,11 @@ def _fit_cached(
 ) -> dict[str, list[float]] | str:
     try:
         got = _cached_features(plan, x, y, kw, budget, spill)
+    except _ShapeChange as exc:
+        return (
+            "the cut tensor has axes that are None in the graph and whose sizes change between "
+            f"batches ({exc}); pad the data to one length to cache it"
+        )
     except Exception as exc:
         # Nothing has trained yet (the prefix only ran forward, frozen), so the fit can still
         # go the plain way, where Keras reports a genuine data error in its own words.
@@ -884,11 +1016,13 @@ def _cached_features(
     sw = kw.pop("sample_weight", None)
     val_feats: _Features | None = None
     if _is_dataset(x):
-        feats = _dataset_features(fn, n_cuts, x, budget, spill, verbose)
+        # Keras ignores `shuffle` with a dataset; the cached features reshuffle as it would.
+        shuffle = dataset_shuffle(x)[0]
+        feats = _dataset_features(fn, n_cuts, x, budget, spill, verbose, shuffle == "batch")
         if isinstance(feats, str):
             return f"the training dataset: {feats}"
         kw["batch_size"] = feats.batch_size
-        kw["shuffle"] = False  # a dataset is read in its own (here fixed) order
+        kw["shuffle"] = True if shuffle == "elements" else shuffle
     else:
         batch_size = int(kw.get("batch_size") or 32)
         kw["batch_size"] = batch_size
@@ -903,7 +1037,7 @@ def _cached_features(
         feats = _array_features(fn, n_cuts, x, y, sw, batch_size, budget, spill, verbose)
     if val is not None:
         if _is_dataset(val):
-            got = _dataset_features(fn, n_cuts, val, budget, spill, verbose)
+            got = _dataset_features(fn, n_cuts, val, budget, spill, verbose, True)
             if isinstance(got, str):
                 return f"the validation dataset: {got}"
             val_feats = got
@@ -945,6 +1079,11 @@ def _train_suffix(
         # Keras would shuffle a PyDataset's batch order (not its samples): it shuffles itself.
         data: dict[str, Any] = {"x": _MemmapBatches(feats, batch_size, shuffle), "shuffle": False}
         steps = len(data["x"])
+    elif shuffle == "batch":
+        # Keras' shuffle="batch" for arrays shuffles inside each batch; this keeps the batches
+        # and shuffles their order, as `dataset.batch(n).shuffle(...)` does.
+        data = {"x": _batch_shuffled(feats, batch_size), "shuffle": False}
+        steps = math.ceil(len(feats.x[0]) / batch_size)
     else:
         data = {
             "x": feats.model_x(),
@@ -983,6 +1122,16 @@ def _train_suffix(
     suffix.history = history
     suffix.fit(**data, **kw)
     return dict(history.history)
+
+
+def _batch_shuffled(feats: _Features, batch_size: int) -> Any:
+    parts = [feats.model_x(), feats.y]
+    if feats.sample_weight is not None:
+        parts.append(feats.sample_weight)
+    batches = tf.data.Dataset.from_tensor_slices(keras.tree.lists_to_tuples(tuple(parts)))
+    batches = batches.batch(batch_size)
+    steps = math.ceil(len(feats.x[0]) / batch_size)
+    return batches.shuffle(steps, reshuffle_each_iteration=True).prefetch(tf.data.AUTOTUNE)
 
 
 def make_cached_executor(mode: Mode, memory: int) -> Executor:
