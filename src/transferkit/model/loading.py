@@ -19,10 +19,9 @@ import keras
 
 from transferkit.errors import ConfigError, ModelLoadError
 from transferkit.model.graph import fresh_inputs, graph_inputs, quiet_dict_inputs, replay
-from transferkit.model.keras2 import (
+from transferkit.model.keras2.files import (
     h5_written_by_keras2,
     is_keras2_failure,
-    keras2_nested_config,
     load_keras2_h5,
     load_keras2_keras,
     written_by_keras2,
@@ -30,7 +29,6 @@ from transferkit.model.keras2 import (
 
 __all__ = [
     "copy_model",
-    "keras2_nested_config",
     "load_model",
     "safe_mode_scope",
     "to_functional",
