@@ -40,7 +40,14 @@ LAYERS: Layers = (
         ),
     ),
     ("data", (("transferkit.data.checks",),)),
-    ("compile", (("transferkit.compile.lr_groups",), ("transferkit.compile.spec",))),
+    (
+        "compile",
+        (
+            ("transferkit.compile.lr_groups",),
+            ("transferkit.compile.spec",),
+            ("transferkit.compile.state",),
+        ),
+    ),
     (
         "recipes",
         (
