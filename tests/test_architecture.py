@@ -28,17 +28,33 @@ Layers = Sequence[tuple[str, Sequence[Sequence[str]]]]
 
 LAYERS: Layers = (
     ("foundation", (("transferkit._version", "transferkit.errors"),)),
-    ("utils", (("transferkit._utils.checks", "transferkit._utils.files"),)),
+    (
+        "utils",
+        (("transferkit._utils.checks", "transferkit._utils.configs", "transferkit._utils.files"),),
+    ),
     (
         "model",
         (
-            ("transferkit.model.dropout", "transferkit.model.graph", "transferkit.model.keras2"),
-            ("transferkit.model.layers",),
+            (
+                "transferkit.model.dropout",
+                "transferkit.model.graph",
+                "transferkit.model.keras2.safety",
+            ),
+            ("transferkit.model.keras2.layers", "transferkit.model.layers"),
+            ("transferkit.model.keras2.config",),
+            ("transferkit.model.keras2.files",),
             ("transferkit.model.heads", "transferkit.model.loading"),
         ),
     ),
     ("data", (("transferkit.data.checks",),)),
-    ("compile", (("transferkit.compile.lr_groups",), ("transferkit.compile.spec",))),
+    (
+        "compile",
+        (
+            ("transferkit.compile.lr_groups",),
+            ("transferkit.compile.spec",),
+            ("transferkit.compile.state",),
+        ),
+    ),
     (
         "recipes",
         (
@@ -411,7 +427,6 @@ def test_every_public_name_resolves_from_its_declared_home() -> None:
     [
         ("transferkit.callbacks", "transferkit.train.callbacks"),
         ("transferkit.distribution", "transferkit.train.distribution"),
-        ("transferkit.keras2", "transferkit.model.keras2"),
     ],
 )
 def test_documented_modules_reexport_every_public_name(public: str, home: str) -> None:
@@ -419,6 +434,40 @@ def test_documented_modules_reexport_every_public_name(public: str, home: str) -
     assert sorted(old.__all__) == sorted(new.__all__)
     for name in new.__all__:
         assert getattr(old, name) is getattr(new, name), name
+
+
+# `transferkit.keras2`'s documented names, as before the split of `model/keras2.py`
+# (`keras2_nested_config`, an alias of `keras2_config`, was removed).
+KERAS2_NAMES = {
+    "transferkit.model.keras2.safety": ("check_op_layers", "check_op_name"),
+    "transferkit.model.keras2.layers": (
+        "Keras2Lambda",
+        "Keras2RandomCrop",
+        "RandomHeight",
+        "RandomWidth",
+        "SlicingOpLambda",
+        "TFOpLambda",
+        "keras2_hard_sigmoid",
+    ),
+    "transferkit.model.keras2.config": ("keras2_config", "keras3_name"),
+    "transferkit.model.keras2.files": (
+        "h5_written_by_keras2",
+        "is_keras2_failure",
+        "load_keras2_h5",
+        "load_keras2_keras",
+        "written_by_keras2",
+    ),
+}
+
+
+def test_the_keras2_module_reexports_its_names_from_the_keras2_package() -> None:
+    public = importlib.import_module("transferkit.keras2")
+    assert sorted(public.__all__) == sorted(n for names in KERAS2_NAMES.values() for n in names)
+    for home, names in KERAS2_NAMES.items():
+        module = importlib.import_module(home)
+        for name in names:
+            assert name in module.__all__, (home, name)
+            assert getattr(public, name) is getattr(module, name), name
 
 
 def test_registered_keras_names_are_unchanged() -> None:
@@ -433,19 +482,26 @@ def test_registered_keras_names_are_unchanged() -> None:
     assert registered(transferkit.keras2.SlicingOpLambda) == "transferkit>SlicingOpLambda"
     assert registered(transferkit.keras2.Keras2Lambda) == "transferkit>Keras2Lambda"
     assert registered(transferkit.keras2.keras2_hard_sigmoid) == "transferkit>keras2_hard_sigmoid"
+    assert registered(transferkit.keras2.RandomHeight) == "transferkit>RandomHeight"
+    assert registered(transferkit.keras2.RandomWidth) == "transferkit>RandomWidth"
+    assert registered(transferkit.keras2.Keras2RandomCrop) == "transferkit>Keras2RandomCrop"
     assert registered(transferkit.compile.lr_groups.ScaledSchedule) == "transferkit>ScaledSchedule"
 
 
-def test_a_file_saved_with_the_old_module_paths_still_loads(tmp_path: Path) -> None:
-    """A `.keras` file saved before the move records `module: transferkit.keras2`; Keras finds
-    the class by its registered name first, so the file still loads, with the same outputs."""
+@pytest.mark.parametrize("old_module", ["transferkit.keras2", "transferkit.model.keras2"])
+def test_a_file_saved_with_the_old_module_paths_still_loads(
+    tmp_path: Path, old_module: str
+) -> None:
+    """A `.keras` file saved before the move records `module: transferkit.keras2` (one saved
+    between the moves, `transferkit.model.keras2`); Keras finds the class by its registered
+    name first, so the file still loads, with the same outputs."""
     import json
     import zipfile
 
     import keras
     import numpy as np
 
-    from transferkit.model.keras2 import TFOpLambda
+    from transferkit.model.keras2.layers import TFOpLambda
 
     inp = keras.Input((3,))
     out = TFOpLambda("math.abs", name="abs")(keras.layers.Dense(2, name="d")(inp))
@@ -457,10 +513,10 @@ def test_a_file_saved_with_the_old_module_paths_still_loads(tmp_path: Path) -> N
             data = src.read(item.filename)
             if item.filename == "config.json":
                 text = data.decode("utf-8")
-                assert '"transferkit.model.keras2"' in text  # what a new file records
-                data = text.replace('"transferkit.model.keras2"', '"transferkit.keras2"').encode()
+                assert '"transferkit.model.keras2.layers"' in text  # what a new file records
+                data = text.replace('"transferkit.model.keras2.layers"', f'"{old_module}"').encode()
             dst.writestr(item, data)
-    assert '"transferkit.keras2"' in json.dumps(
+    assert f'"{old_module}"' in json.dumps(
         json.loads(zipfile.ZipFile(old_file).read("config.json"))
     )
     restored = keras.saving.load_model(old_file)

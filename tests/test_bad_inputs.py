@@ -299,7 +299,7 @@ CASES: list[Case] = [
         raw,
         lambda t, e: t.replace_head(5, dropout=1.5),
         ConfigError,
-        "dropout must be a float in \\[0, 1\\), got 1.5",
+        "dropout must be a number in \\[0, 1\\), got 1.5",
     ),
     (
         "head at unknown layer",

@@ -198,3 +198,39 @@ def test_head_change_after_compile_recompiles_with_the_new_loss(
     tuner.replace_head(regression=True)
     tuner.fit(x, (y + 5).astype("float32"), epochs=1, verbose=0)
     assert isinstance(tuner.model.loss, keras.losses.MeanSquaredError)
+
+
+def test_compile_state_holds_the_recipe_the_compile_and_the_phase_scale() -> None:
+    """One owner for the compile: the recipe, what was compiled from it (the resolved loss),
+    and the learning-rate scale of a `fine_tune` phase, which never overwrites the recipe."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    labels = rng.integers(0, 3, size=32)
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(8, "relu")(inp))
+    tuner = FineTuner(keras.Model(inp, out)).compile_sgd(lr=0.1)
+    state = tuner._compile
+    spec = tuner.compile_spec
+    assert spec is state.spec and state.compiled is not None
+    assert isinstance(state.compiled.loss, keras.losses.SparseCategoricalCrossentropy)
+    tuner.fit(x, np.eye(3, dtype="float32")[labels], epochs=1, verbose=0)
+    # One-hot labels: the inferred loss was resolved to its categorical twin and recorded.
+    assert isinstance(state.compiled.loss, keras.losses.CategoricalCrossentropy)
+    assert state.spec is spec and state.spec.loss is None
+    seen: list[tuple[float, float]] = []
+
+    class Probe(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_begin(self, logs: object = None) -> None:
+            active = tuner.compile_spec
+            assert active is not None
+            seen.append((active.lr_scale, float(self.model.optimizer.learning_rate.numpy())))
+
+    tuner.fine_tune(
+        x, labels, head_epochs=1, epochs=1, lr_factor=0.25, verbose=0, callbacks=[Probe()]
+    )
+    assert seen == [(1.0, pytest.approx(0.1)), (0.25, pytest.approx(0.025))]
+    # Afterwards: the recipe as given, and the next fit recompiles at its learning rate.
+    assert tuner.compile_spec is spec and spec.lr_scale == 1.0 and state.compiled is None
+    tuner.fit(x, labels, epochs=1, verbose=0)
+    assert float(tuner.model.optimizer.learning_rate.numpy()) == pytest.approx(0.1)
+    assert state.compiled is not None and state.compiled.lr_scale == 1.0

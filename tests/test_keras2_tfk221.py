@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from transferkit import FineTuner
-from transferkit.model.keras2 import Keras2RandomCrop, RandomHeight, RandomWidth, keras2_config
+from transferkit.model.keras2.config import keras2_config
+from transferkit.model.keras2.layers import Keras2RandomCrop, RandomHeight, RandomWidth
 
 KERAS2 = Path(__file__).parent / "data" / "keras2"
 STEMS = ("tutorial", "app_base", "augment", "rng_layers")

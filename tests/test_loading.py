@@ -15,8 +15,9 @@ from conftest import Pretrained, build_cnn, weights_of
 
 import transferkit
 from transferkit import ConfigError, DataError, FineTuner, LayerNotFoundError, ModelLoadError
-from transferkit.model.keras2 import keras2_config, keras2_hard_sigmoid
-from transferkit.model.loading import copy_model, keras2_nested_config, load_model, to_functional
+from transferkit.model.keras2.config import keras2_config
+from transferkit.model.keras2.layers import keras2_hard_sigmoid
+from transferkit.model.loading import copy_model, load_model, to_functional
 
 KERAS2 = Path(__file__).parent / "data" / "keras2"
 # The files written by Keras 2.15; tf-keras 2.21's (`tfk221_*`) are tested in test_keras2_tfk221.
@@ -295,7 +296,7 @@ def test_keras2_nested_base_keeps_the_base_as_one_layer() -> None:
     }
 
 
-def test_keras2_nested_config_shifts_only_nested_model_references() -> None:
+def test_keras2_config_shifts_only_nested_model_references() -> None:
     def ref(name: str, node: int) -> list[Any]:
         return [name, node, 0, {}]
 
@@ -344,7 +345,7 @@ def test_keras2_nested_config_shifts_only_nested_model_references() -> None:
             "output_layers": [["add", 0, 0], ["base", 1, 0]],
         },
     }
-    fixed = keras2_nested_config(outer)
+    fixed = keras2_config(outer)
     layers = fixed["config"]["layers"]
     assert layers[2]["inbound_nodes"] == [[ref("base", 0)]]
     # Only nested-model references move; an ordinary layer's node index is left alone.

@@ -28,7 +28,7 @@ import pytest
 from conftest import Digits, Pretrained
 
 import transferkit
-import transferkit.model.keras2 as k2
+import transferkit.model.keras2.safety as k2
 from transferkit import FineTuner, ModelLoadError, TransferkitError
 from transferkit.cli import main
 from transferkit.keras2 import TFOpLambda, check_op_name

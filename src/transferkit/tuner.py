@@ -24,6 +24,7 @@ from transferkit.compile.spec import (
     optimizer_factory,
     sgd_factory,
 )
+from transferkit.compile.state import Compiled, CompileState
 from transferkit.data.checks import check_fit_data, is_array_like, label_rule
 from transferkit.errors import ConfigError, NotCompiledError, TransferkitError
 from transferkit.model.dropout import DropoutPolicy, apply_dropout_policy, check_dropout_policy
@@ -154,9 +155,7 @@ class FineTuner:
                 )
             self._model: keras.Model = to_functional(working)
         self._head: HeadSpec | None = None
-        self._compile_spec: CompileSpec | None = None
-        self._compiled_signature: tuple[Any, ...] | None = None
-        self._phase = "fit"
+        self._compile = CompileState()
         self._lora: _lora.LoraConfig | None = None
         apply_flags(self._model, {}, batchnorm=self._batchnorm)
         apply_dropout_policy(self._model, self._dropout)
@@ -213,8 +212,10 @@ class FineTuner:
 
     @property
     def compile_spec(self) -> CompileSpec | None:
-        """How the model is (re)compiled, or None before `compile_sgd()` / `compile()`."""
-        return self._compile_spec
+        """How the model is (re)compiled, or None before `compile_sgd()` / `compile()`.
+
+        During phase "full" of `fine_tune`, the recipe with that phase's learning-rate scale."""
+        return self._compile.active_spec
 
     @property
     def strategy(self) -> tf.distribute.Strategy | None:
@@ -345,7 +346,7 @@ class FineTuner:
             )
         self._model = new_model
         self._head = spec
-        self._compiled_signature = None
+        self._compile.invalidate()
         return self
 
     def _head_base(self, at: LayerRef | None) -> tuple[keras.Model, LayerRef | None]:
@@ -486,7 +487,6 @@ class FineTuner:
             groups=groups,
         )
         self._compile_now(spec)
-        self._compile_spec = spec
         return self
 
     def _resolved_loss(self, spec: CompileSpec, one_hot: bool = False) -> tuple[Any, Any]:
@@ -497,14 +497,21 @@ class FineTuner:
             loss = one_hot_variant(loss)
         return loss, (metrics if spec.metrics is None else spec.metrics)
 
-    def _compile_now(self, spec: CompileSpec, *, one_hot: bool = False) -> None:
+    def _signature(self, one_hot: bool, lr_scale: float) -> tuple[Any, ...]:
+        return (id(self._model), one_hot, flags_signature(self._model), lr_scale)
+
+    def _compile_now(
+        self, spec: CompileSpec, *, one_hot: bool = False, lr_scale: float = 1.0
+    ) -> None:
         loss, metrics = self._resolved_loss(spec, one_hot)
         check_logits_match(self._model, keras.tree.flatten(loss))
+        scaled = spec if lr_scale == 1.0 else dataclasses.replace(spec, lr_scale=lr_scale)
         with self._scope():  # The optimizer binds to the strategy current at its creation.
-            optimizer = make_optimizer(spec, self._model)
+            optimizer = make_optimizer(scaled, self._model)
             self._model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **spec.kwargs)
             prepare_model(self._model, self._strategy)
-        self._compiled_signature = (id(self._model), one_hot, flags_signature(self._model))
+        compiled = Compiled(self._signature(one_hot, lr_scale), lr_scale, loss, metrics)
+        self._compile.record(spec, compiled)
 
     def _one_hot_labels(self, y: Any) -> bool:
         if not is_array_like(y) or isinstance(y, (list, tuple, dict)):
@@ -522,16 +529,18 @@ class FineTuner:
         Raises:
             NotCompiledError: neither `compile_sgd()` nor `compile()` was called.
         """
-        spec = self._compile_spec
+        return self._ensure_compiled(y, lr_scale=1.0)
+
+    def _ensure_compiled(self, y: Any, *, lr_scale: float) -> keras.Model:
+        spec = self._compile.spec
         if spec is None:
             raise NotCompiledError(
                 "the model is not compiled: call .compile_sgd(lr=...) or .compile(optimizer) "
                 "before .fit()."
             )
         one_hot = spec.loss_inferred and self._one_hot_labels(y)
-        wanted = (id(self._model), one_hot, flags_signature(self._model))
-        if wanted != self._compiled_signature:
-            self._compile_now(spec, one_hot=one_hot)
+        if self._compile.needs_compile(self._signature(one_hot, lr_scale)):
+            self._compile_now(spec, one_hot=one_hot, lr_scale=lr_scale)
         return self._model
 
     # ---------------------------------------------------------------- training
@@ -573,21 +582,33 @@ class FineTuner:
             DataError: the data does not fit the model.
             ConfigError: `cache=True` and the fit cannot be cached (the message says why).
         """
-        model = self.ensure_compiled(y)
-        check_fit_data(
-            model,
-            x,
-            y,
-            rule=label_rule(model.loss, model),
-            validation_data=fit_kwargs.get("validation_data"),
-        )
         options = FitOptions(
             cache=cache,
             cache_memory=cache_memory,
             checkpoint_dir=checkpoint_dir,
             restore_best=restore_best,
             raise_on_interrupt=raise_on_interrupt,
-            phase=self._phase,
+        )
+        return self._fit(x, y, options, fit_kwargs, lr_scale=1.0)
+
+    def _fit(
+        self,
+        x: Any,
+        y: Any,
+        options: FitOptions,
+        fit_kwargs: dict[str, Any],
+        *,
+        lr_scale: float,
+    ) -> FitResult:
+        """`fit`, in the phase `options.phase` names, at `lr_scale` times the compiled
+        learning rate."""
+        model = self._ensure_compiled(y, lr_scale=lr_scale)
+        check_fit_data(
+            model,
+            x,
+            y,
+            rule=label_rule(model.loss, model),
+            validation_data=fit_kwargs.get("validation_data"),
         )
         bind_callbacks(self, fit_kwargs.get("callbacks"))
         # Layers added since (a new head, LoRA) follow the policy too.
@@ -662,8 +683,7 @@ class FineTuner:
         ```
         """
         _lora.check_flags_editable(self._model, "fine_tune()")
-        spec = self._compile_spec
-        if spec is None:
+        if self._compile.spec is None:
             raise NotCompiledError(
                 "fine_tune reuses the compiled optimizer configuration: call "
                 ".compile_sgd(lr=...) or .compile(optimizer) first."
@@ -682,24 +702,24 @@ class FineTuner:
             if head_epochs:
                 plan = head_phase_plan(self._model, head)
                 apply_flags(self._model, plan, batchnorm=self._batchnorm)
-                results.append(self._run_phase("head", x, y, dict(fit_kwargs, epochs=head_epochs)))
+                kwargs = dict(fit_kwargs, epochs=head_epochs)
+                results.append(self._run_phase("head", x, y, kwargs, lr_scale=1.0))
                 if fit_kwargs.get("restore_best") and epochs:
                     snapshot = self._model.get_weights()
             stopped = bool(results) and (results[-1].interrupted or results[-1].diverged)
             if epochs and not stopped:
                 apply_flags(self._model, full_phase_plan(before, head), batchnorm=self._batchnorm)
-                self._compile_spec = dataclasses.replace(spec, lr_scale=spec.lr_scale * lr_factor)
                 done = sum(r.epochs for r in results)
                 kwargs = dict(fit_kwargs, epochs=done + epochs, initial_epoch=done)
-                results.append(self._run_phase("full", x, y, kwargs))
+                results.append(self._run_phase("full", x, y, kwargs, lr_scale=lr_factor))
         except BaseException:
             if not results:
                 # Nothing trained (bad data, say): leave the flags as they were.
                 apply_flags(self._model, before, batchnorm=self._batchnorm)
             raise
         finally:
-            self._compile_spec = spec
-            self._compiled_signature = None
+            # The next `fit` recompiles at the compiled learning rate.
+            self._compile.invalidate()
         joined = join_results(self._model, results)
         joined.extras["provenance"] = self._provenance_context(
             {
@@ -715,18 +735,20 @@ class FineTuner:
             self._model.set_weights(snapshot)
         return joined
 
-    def _run_phase(self, name: str, x: Any, y: Any, fit_kwargs: dict[str, Any]) -> FitResult:
+    def _run_phase(
+        self, name: str, x: Any, y: Any, fit_kwargs: dict[str, Any], *, lr_scale: float
+    ) -> FitResult:
         # Every phase starts from a fresh optimizer, even when the flags did not change.
-        self._compiled_signature = None
-        self._phase = name
-        try:
-            return self.fit(x, y, **fit_kwargs)
-        finally:
-            self._phase = "fit"
+        self._compile.invalidate()
+        kwargs = dict(fit_kwargs)
+        # `fit`'s own keywords (`cache`, `restore_best`, ...) are the fields of FitOptions.
+        own = {f.name for f in dataclasses.fields(FitOptions)} - {"phase"}
+        options = FitOptions(**{k: kwargs.pop(k) for k in own if k in kwargs}, phase=name)
+        return self._fit(x, y, options, kwargs, lr_scale=lr_scale)
 
     def _provenance_context(self, fit_arguments: Mapping[str, Any]) -> dict[str, Any]:
         """What `FitResult.save` records beside the model about this FineTuner's run."""
-        spec = self._compile_spec
+        spec = self._compile.spec
         return fit_context(
             self._model,
             source=self._source,
@@ -779,7 +801,7 @@ class FineTuner:
         tuner.compile(keras.optimizers.Adam(finder.suggestion))
         ```
         """
-        spec = self._compile_spec
+        spec = self._compile.spec
         if spec is None:
             raise NotCompiledError(
                 "find_lr needs a compiled FineTuner (its optimizer configuration is reused): "
@@ -875,7 +897,7 @@ class FineTuner:
                 batchnorm=self._batchnorm,
             )
         # enable_lora adds variables without changing layer flags: force a fresh optimizer.
-        self._compiled_signature = None
+        self._compile.invalidate()
         return self
 
     def load_adapters(self, path: str | os.PathLike[str]) -> Self:
@@ -901,7 +923,7 @@ class FineTuner:
                 head_spec=self._head.to_dict() if self._head else None,
                 batchnorm=self._batchnorm,
             )
-        self._compiled_signature = None
+        self._compile.invalidate()
         return self
 
     def _lora_config(self) -> _lora.LoraConfig:
@@ -928,7 +950,7 @@ class FineTuner:
     def __repr__(self) -> str:
         trainable, frozen = count_params(self._model)
         head = "untouched" if self._head is None else f"{self._head.kind}({self._head.units})"
-        compiled = "yes" if self._compile_spec is not None else "no"
+        compiled = "yes" if self._compile.spec is not None else "no"
         return (
             f"FineTuner(model={self._model.name!r}, layers={len(self._model.layers)}, "
             f"trainable_params={trainable:,}, non_trainable_params={frozen:,}, head={head}, "

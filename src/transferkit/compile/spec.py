@@ -12,7 +12,7 @@ from typing import Any
 
 import keras
 
-from transferkit._utils.checks import check_positive_number
+from transferkit._utils.checks import check_fraction, check_positive_number
 from transferkit.compile.lr_groups import LRGroups, build_optimizer
 from transferkit.errors import ConfigError
 from transferkit.model.heads import HeadSpec
@@ -47,13 +47,7 @@ def sgd_factory(lr: float, *, momentum: float = 0.9, nesterov: bool = False) -> 
         ConfigError: invalid learning rate or momentum.
     """
     rate = check_learning_rate(lr)
-    if (
-        isinstance(momentum, bool)
-        or not isinstance(momentum, (int, float))
-        or not 0 <= momentum < 1
-    ):
-        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}.")
-    mom = float(momentum)
+    mom = check_fraction(momentum, "momentum")
     nest = bool(nesterov)
 
     def make() -> keras.optimizers.Optimizer:

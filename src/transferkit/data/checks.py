@@ -14,7 +14,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from transferkit.errors import ConfigError, DataError
+from transferkit._utils.checks import check_int
+from transferkit.errors import DataError
 from transferkit.model.graph import input_paths
 
 __all__ = [
@@ -294,6 +295,4 @@ def check_fit_arguments(fit_kwargs: Mapping[str, Any]) -> None:
     ):
         if key not in fit_kwargs or (allow_none and fit_kwargs[key] is None):
             continue
-        value = fit_kwargs[key]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}.")
+        check_int(fit_kwargs[key], key, minimum=minimum)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import keras
 
+from transferkit._utils.checks import check_fraction, check_int, is_int
 from transferkit.errors import ConfigError, LayerNotFoundError
 from transferkit.model.graph import (
     Recorded,
@@ -297,21 +298,16 @@ def _validate(
         raise ConfigError(
             "replace_head needs num_classes=N for a classifier or regression=True for a regressor."
         )
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
-    ):
-        raise ConfigError(f"num_classes must be an int >= 2, got {num_classes!r}.")
-    if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 1:
-        raise ConfigError(f"outputs must be an int >= 1, got {outputs!r}.")
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", minimum=2)
+    check_int(outputs, "outputs", minimum=1)
     if isinstance(hidden, (int, str)):
         raise ConfigError(
             f"hidden must be a sequence of layer sizes such as (64,), got {hidden!r}."
         )
-    for size in hidden:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigError(f"hidden layer sizes must be ints >= 1, got {tuple(hidden)!r}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"dropout must be a float in [0, 1), got {dropout!r}.")
+    if not all(is_int(size, minimum=1) for size in hidden):
+        raise ConfigError(f"hidden layer sizes must be ints >= 1, got {tuple(hidden)!r}.")
+    check_fraction(dropout, "dropout")
     if pool not in _POOLS:
         raise ConfigError(f"pool must be one of {', '.join(_POOLS)}, got {pool!r}.")
     try:

@@ -27,10 +27,9 @@ from transferkit.model.graph import (
     quiet_dict_inputs,
     replay,
 )
-from transferkit.model.keras2 import (
+from transferkit.model.keras2.files import (
     h5_written_by_keras2,
     is_keras2_failure,
-    keras2_nested_config,
     load_keras2_h5,
     load_keras2_keras,
     written_by_keras2,
@@ -41,7 +40,6 @@ __all__ = [
     "output_layer",
     "rebuilds_itself",
     "wrap_whole",
-    "keras2_nested_config",
     "load_model",
     "safe_mode_scope",
     "to_functional",

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from transferkit._utils.checks import check_int, check_optional_int
 from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError
 from transferkit.model.graph import Recorded, fresh_inputs, replay
@@ -147,13 +148,6 @@ def iterate_inputs(x: Any, batch_size: int, steps: int | None) -> Iterator[Any]:
         yield arr[start : min(start + batch_size, limit)]
 
 
-def _check_int(value: object, name: str, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an int >= 1, got {value!r}.")
-
-
 def adapt_batchnorm(
     model: keras.Model, x: Any, *, batch_size: int = 32, steps: int | None = None
 ) -> list[str]:
@@ -176,8 +170,8 @@ def adapt_batchnorm(
         ConfigError: invalid arguments, no BatchNormalization layer, or a shared one.
         DataError: empty or unsupported data.
     """
-    _check_int(batch_size, "batch_size")
-    _check_int(steps, "steps", allow_none=True)
+    check_int(batch_size, "batch_size", minimum=1)
+    check_optional_int(steps, "steps", minimum=1)
     if len(model.inputs) != 1:
         raise ConfigError(
             f"adapt_batchnorm supports single-input models; {model.name!r} has "

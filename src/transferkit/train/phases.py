@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import keras
 
-from transferkit._utils.checks import check_positive_number
+from transferkit._utils.checks import check_int, check_positive_number
 from transferkit.errors import ConfigError
 from transferkit.model.heads import HeadSpec, classifier_layers
 from transferkit.model.layers import leaf_layers, resolve
@@ -31,9 +31,8 @@ def check_phase_args(head_epochs: object, epochs: object, lr_factor: object) -> 
     Raises:
         ConfigError: negative or non-int epochs, no epoch at all, or `lr_factor` not > 0.
     """
-    for name, value in (("head_epochs", head_epochs), ("epochs", epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be an int >= 0, got {value!r}.")
+    check_int(head_epochs, "head_epochs", minimum=0)
+    check_int(epochs, "epochs", minimum=0)
     if head_epochs == 0 and epochs == 0:
         raise ConfigError("fine_tune needs head_epochs >= 1 or epochs >= 1: both are 0.")
     check_positive_number(lr_factor, "lr_factor")
