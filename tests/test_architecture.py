@@ -68,7 +68,7 @@ LAYERS: Layers = (
     (
         "results",
         (
-            ("transferkit.results.checkpoints", "transferkit.results.summary"),
+            ("transferkit.results.summary",),
             ("transferkit.results.plotting", "transferkit.results.provenance"),
             ("transferkit.results.result",),
         ),
@@ -76,7 +76,11 @@ LAYERS: Layers = (
     (
         "train",
         (
-            ("transferkit.train.distribution", "transferkit.train.executor"),
+            (
+                "transferkit.train.checkpoints",
+                "transferkit.train.distribution",
+                "transferkit.train.executor",
+            ),
             (
                 "transferkit.train.cache",
                 "transferkit.train.callbacks",

@@ -30,10 +30,10 @@ import pytest
 from conftest import Pretrained, few_shot_split
 
 import transferkit
-import transferkit.results.checkpoints
 import transferkit.results.result
+import transferkit.train.checkpoints
 from transferkit import CheckpointError, FineTuner, FitResult, SaveError
-from transferkit.results.checkpoints import CheckpointStore
+from transferkit.train.checkpoints import CheckpointStore
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FIT: dict[str, Any] = {"epochs": 4, "batch_size": 10, "shuffle": False, "verbose": 0}
@@ -367,7 +367,7 @@ def test_checkpoint_on_a_full_disk_then_resume_matches_uninterrupted(
         disk.fill(leave=newest["size"] + 64 if fails == "manifest" else 0)
 
     failed: list[str] = []
-    real_write_json = transferkit.results.checkpoints._write_json
+    real_write_json = transferkit.train.checkpoints._write_json
 
     def spy(path: Path, data: Any) -> Any:
         try:
@@ -376,7 +376,7 @@ def test_checkpoint_on_a_full_disk_then_resume_matches_uninterrupted(
             failed.append(path.name)
             raise
 
-    monkeypatch.setattr(transferkit.results.checkpoints, "_write_json", spy)
+    monkeypatch.setattr(transferkit.train.checkpoints, "_write_json", spy)
     tuner = make_tuner(pretrained)
     with pytest.raises(CheckpointError, match="no space left on device") as info:
         tuner.fit(x, y, checkpoint_dir=ckpt, callbacks=[AtEpoch(2, fill)], **FIT)

@@ -31,9 +31,9 @@ import keras
 import numpy as np
 
 from transferkit.errors import CheckpointError, ConfigError
-from transferkit.results.checkpoints import CheckpointStore, PhaseState, fingerprint
 from transferkit.results.provenance import describe_value
 from transferkit.results.result import best_of
+from transferkit.train.checkpoints import CheckpointStore, PhaseState, fingerprint
 
 __all__ = ["FitGuard", "GuardedFit", "fit_plan", "guarded_fit"]
 
@@ -309,7 +309,7 @@ def guarded_fit(
         y: training targets.
         fit_kwargs: `keras.Model.fit` keywords (`callbacks` are kept, the guard is appended).
         executor: the fit to run.
-        checkpoint_dir: keep resumable per-epoch state here (see `transferkit.results.checkpoints`).
+        checkpoint_dir: keep resumable per-epoch state here (see `transferkit.train.checkpoints`).
         restore_best: end with the weights of the best epoch by the monitored value.
         raise_on_interrupt: re-raise a KeyboardInterrupt (after the rollback).
         phase: the phase name; each phase has its own subdirectory of `checkpoint_dir`.
