@@ -31,8 +31,10 @@ lint: $(VENV)/.stamp-dev
 typecheck: $(VENV)/.stamp-dev
 	$(BIN)/mypy --strict src tests/typing_check.py
 
+# The suite runs twice: on TensorFlow, then on JAX (tests marked tensorflow_only skip there).
 unit: $(VENV)/.stamp-dev
-	$(BIN)/python -m pytest -n 2 -q
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q
 
 docs: $(VENV)/.stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

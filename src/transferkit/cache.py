@@ -941,7 +941,8 @@ def _train_suffix(
     kw["callbacks"] = cb_list
     model.stop_training = False
     suffix.history = history
-    suffix.fit(**data, **kw)
+    with backend.current().shared_training_state(model, suffix):
+        suffix.fit(**data, **kw)
     return dict(history.history)
 
 

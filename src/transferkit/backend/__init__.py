@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, cast
 
 import keras
@@ -42,6 +43,12 @@ class BackendModule(Protocol):
         losses; `optimizer` (built on `model.trainable_variables`) applies the gradients with its
         current learning rate. The model's variables hold the new values after each call.
         """
+
+    def shared_training_state(
+        self, shown: keras.Model, trained: keras.Model
+    ) -> AbstractContextManager[None]:
+        """While `trained` fits, callbacks that read or write `shown` (which shares its
+        variables: the feature cache) see and change the state `trained` trains on."""
 
     def loss_replicas(self) -> int:
         """Over how many replicas a Keras loss divides itself inside such a step (1 but under a

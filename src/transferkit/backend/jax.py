@@ -7,7 +7,8 @@ wrapper assigns them back, as Keras' own JAX trainer does between steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 
 from transferkit.backend import ValueFn
 
-__all__ = ["forward_function", "gradient_step", "loss_replicas"]
+__all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
 
 
 def _values(variables: list[Any]) -> list[Any]:
@@ -33,7 +34,7 @@ def _arrays(data: Any) -> Any:
 def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
     """See `BackendModule.forward_function`."""
 
-    @jax.jit
+    @jax.jit  # type: ignore[untyped-decorator]
     def run(trainable: list[Any], non_trainable: list[Any], batch: Any) -> Any:
         # training=True: exactly what the layers compute inside `fit` (a frozen
         # BatchNormalization uses its moving statistics either way).
@@ -49,6 +50,22 @@ def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
         return [np.asarray(o) for o in keras.tree.flatten(out)]
 
     return call
+
+
+@contextmanager
+def shared_training_state(shown: keras.Model, trained: keras.Model) -> Iterator[None]:
+    """See `BackendModule.shared_training_state`.
+
+    Inside `fit`, Keras' JAX trainer keeps the state in arrays and writes it back to the
+    variables only when a callback reads `callback.model`, which calls `jax_state_sync()` on it.
+    Callbacks see `shown`; its sync is pointed at `trained`'s, which also makes `trained` read
+    the variables again before its next step (a learning rate a callback set is used).
+    """
+    object.__setattr__(shown, "jax_state_sync", trained.jax_state_sync)
+    try:
+        yield
+    finally:
+        object.__delattr__(shown, "jax_state_sync")
 
 
 def loss_replicas() -> int:
@@ -72,7 +89,7 @@ def gradient_step(
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
-    @jax.jit
+    @jax.jit  # type: ignore[untyped-decorator]
     def step(
         tv: list[Any], ntv: list[Any], ov: list[Any], xb: Any, yb: Any, sw: Any
     ) -> tuple[Any, list[Any], list[Any], list[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import keras
@@ -10,7 +11,7 @@ import tensorflow as tf
 
 from transferkit.backend import ValueFn
 
-__all__ = ["forward_function", "gradient_step", "loss_replicas"]
+__all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
 
 
 def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
@@ -26,6 +27,11 @@ def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
         return [out.numpy() for out in keras.tree.flatten(run(batch))]
 
     return call
+
+
+def shared_training_state(shown: keras.Model, trained: keras.Model) -> AbstractContextManager[None]:
+    """See `BackendModule.shared_training_state`: the variables are the state; nothing to do."""
+    return nullcontext()
 
 
 def loss_replicas() -> int:

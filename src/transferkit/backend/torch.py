@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import keras
@@ -11,7 +12,7 @@ import torch
 
 from transferkit.backend import ValueFn
 
-__all__ = ["forward_function", "gradient_step", "loss_replicas"]
+__all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
 
 
 def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
@@ -24,6 +25,11 @@ def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
         return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
 
     return call
+
+
+def shared_training_state(shown: keras.Model, trained: keras.Model) -> AbstractContextManager[None]:
+    """See `BackendModule.shared_training_state`: the variables are the state; nothing to do."""
+    return nullcontext()
 
 
 def loss_replicas() -> int:
