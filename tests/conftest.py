@@ -22,14 +22,6 @@ import numpy as np
 import pytest
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "tensorflow_only(reason): needs the TensorFlow backend by nature (tf.distribute, Keras 2 "
-        "TF ops without a keras.ops equivalent); skipped, with the reason, on other backends.",
-    )
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # KERAS_BACKEND is read by Keras at import: `KERAS_BACKEND=jax pytest` runs the suite on JAX.
     backend = keras.backend.backend()
