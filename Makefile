@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint typecheck unit docs bench clean
+.PHONY: demo test lint typecheck unit unit-jax-all docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,19 @@ lint: $(VENV)/.stamp-dev
 typecheck: $(VENV)/.stamp-dev
 	$(BIN)/mypy --strict src tests/typing_check.py
 
+# The whole suite runs on TensorFlow; then the files already verified on JAX run again there
+# (tests marked tensorflow_only skip on JAX). The rest of the suite is not yet checked on JAX
+# (issue #13): add a file to JAX_TESTS once it passes there.
+JAX_TESTS := tests/test_cache.py tests/test_lr_finder.py tests/test_recipes_phases.py \
+	tests/test_batchnorm.py tests/test_reliability.py tests/test_lora.py tests/test_faults.py \
+	tests/test_cli.py
+
 unit: $(VENV)/.stamp-dev
-	$(BIN)/python -m pytest -n 2 -q
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q $(JAX_TESTS)
+
+unit-jax-all: $(VENV)/.stamp-dev
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q
 
 docs: $(VENV)/.stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

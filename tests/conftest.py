@@ -15,10 +15,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # KERAS_BACKEND is read by Keras at import: `KERAS_BACKEND=jax pytest` runs the suite on JAX.
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    for item in items:
+        marker = item.get_closest_marker("tensorflow_only")
+        if marker is not None:
+            why = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(
+                pytest.mark.skip(reason=f"TensorFlow backend only ({why}); running on {backend}")
+            )
 
 
 @dataclass(frozen=True)
@@ -180,3 +195,33 @@ def few_shot(digits: Digits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 def weights_of(layer: keras.layers.Layer) -> list[np.ndarray]:
     """Copies of a layer's weight values (`variable.numpy()`, not `np.array(variable)`)."""
     return [v.numpy().copy() for v in layer.weights]
+
+
+def loss_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """The gradient of the compiled loss (mean over the batch), per trainable variable, on the
+    Keras backend in use."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        frozen = [v.value for v in model.non_trainable_variables]
+        metrics = [v.value for v in model.metrics_variables]
+        optimizer = [v.value for v in model.optimizer.variables]
+
+        def loss(trainable: list[Any]) -> Any:
+            value, _ = model.compute_loss_and_updates(
+                trainable, frozen, metrics, x, y, None, True, optimizer
+            )
+            return value
+
+        grads = jax.grad(loss)([v.value for v in model.trainable_variables])
+        return [np.asarray(g) for g in grads]
+    if backend == "torch":
+        model.zero_grad()
+        model.compute_loss(x=x, y=y, y_pred=model(x, training=True)).backward()
+        return [v.value.grad.cpu().numpy() for v in model.trainable_variables]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        value = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
+    return [g.numpy() for g in tape.gradient(value, model.trainable_variables)]

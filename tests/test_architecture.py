@@ -33,6 +33,17 @@ LAYERS: Layers = (
         (("transferkit._utils.checks", "transferkit._utils.configs", "transferkit._utils.files"),),
     ),
     (
+        "backend",
+        (
+            ("transferkit.backend",),
+            (
+                "transferkit.backend.jax",
+                "transferkit.backend.tensorflow",
+                "transferkit.backend.torch",
+            ),
+        ),
+    ),
+    (
         "model",
         (
             (
@@ -405,7 +416,10 @@ def test_subpackage_inits_import_nothing() -> None:
     inits = {
         name
         for name, path in modules.items()
-        if path.name == "__init__.py" and name != "transferkit" and name != "transferkit.keras2"
+        if path.name == "__init__.py"
+        # The package itself, the public `keras2` module, and the backend seam, which is a
+        # module of its own (it imports keras and picks its backend module lazily).
+        and name not in ("transferkit", "transferkit.keras2", "transferkit.backend")
     }
     assert inits >= {"transferkit.model", "transferkit.train", "transferkit._utils"}
     for name in inits:

@@ -3,6 +3,7 @@ argument errors, which would otherwise cost a TensorFlow start each)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -174,3 +175,33 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"transferkit {__version__}"
+
+
+def test_backend_flag_selects_the_keras_backend(
+    pretrained: Pretrained, npz: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The flag wins over the environment: it is set before Keras is imported. Each pass of the
+    # suite asks for the backend it does not run on, so both directions are tested.
+    other = keras.backend.backend()
+    backend = "jax" if other == "tensorflow" else "tensorflow"
+    train, _ = npz
+    out = tmp_path / "tuned.keras"
+    proc = run(
+        "--backend", backend, "fit", str(pretrained.keras_path), "--data", str(train),
+        "--freeze-until", "fc1", "--head", "classify:5", "--epochs", "2", "--cache", "on",
+        "--out", str(out), KERAS_BACKEND=other,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(Path(f"{out}.transferkit.json").read_text())
+    assert record["versions"]["keras_backend"] == backend
+    assert keras.models.load_model(out).output_shape == (None, 5)
+
+
+def test_backend_flag_refuses_a_backend_keras_is_not_running(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # In this process Keras is imported already: asking for another backend cannot work.
+    other = "jax" if keras.backend.backend() == "tensorflow" else "tensorflow"
+    assert main(["--backend", other, "--version"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "already imported" in line and f"KERAS_BACKEND={other}" in line

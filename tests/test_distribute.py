@@ -32,6 +32,9 @@ from transferkit.train.distribution import (
     worker_path,
 )
 
+# tf.distribute is TensorFlow's engine; on JAX the engine is keras.distribution.
+pytestmark = pytest.mark.tensorflow_only(reason="tf.distribute strategies")
+
 WORKER = Path(__file__).with_name("distribute_worker.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
 RUN_TIMEOUT_S = 240.0

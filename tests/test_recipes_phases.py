@@ -8,8 +8,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import Pretrained, weights_of
+from conftest import Pretrained, loss_gradients, weights_of
 
 import transferkit
 from transferkit import (
@@ -49,10 +48,8 @@ def blobs() -> tuple[np.ndarray, np.ndarray]:
 
 def gradients(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[int, np.ndarray]:
     """The gradient of the compiled loss (mean over the batch) for every trainable variable."""
-    with tf.GradientTape() as tape:
-        loss = model.compute_loss(x=x, y=y, y_pred=model(x, training=True))
-    grads = tape.gradient(loss, model.trainable_variables)
-    return {id(v): g.numpy() for v, g in zip(model.trainable_variables, grads, strict=True)}
+    grads = loss_gradients(model, x, y)
+    return {id(v): g for v, g in zip(model.trainable_variables, grads, strict=True)}
 
 
 def applied_lr(before: np.ndarray, after: np.ndarray, grad: np.ndarray) -> float:

@@ -1,6 +1,7 @@
 """The `transferkit` command line: inspect a model, fine-tune it on `.npz` data, run the demo.
 
 ```text
+transferkit [--backend tensorflow|jax|torch] COMMAND ...
 transferkit inspect MODEL [--unsafe]
 transferkit fit MODEL --data TRAIN.npz [--val VAL.npz] [--freeze-until REF]
                 [--head classify:N|regression[:OUTPUTS]] [--lr 1e-4] [--epochs N]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -33,6 +35,7 @@ __all__ = ["main", "parse_head", "parse_layer_ref"]
 _EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
 _CACHE_MODES: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 class _UsageError(Exception):
@@ -108,6 +111,12 @@ def _build_parser() -> _Parser:
         epilog="Run 'transferkit COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--backend",
+        choices=_BACKENDS,
+        help="the Keras backend to run on (default: KERAS_BACKEND, else tensorflow); "
+        "jax and torch need their extra: pip install 'transferkit[jax]'",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     inspect = commands.add_parser(
@@ -320,6 +329,22 @@ def _demo(parser: _Parser, extra: Sequence[str]) -> int:
     return int(code or 0)
 
 
+def _select_backend(name: str) -> None:
+    # Keras reads KERAS_BACKEND once, when it is first imported; nothing here has imported it.
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != name:
+        raise _UsageError(
+            f"transferkit: error: --backend {name}, but Keras was already imported with the "
+            f"{keras.backend.backend()} backend; set KERAS_BACKEND={name} instead"
+        )
+    if importlib.util.find_spec(name) is None:
+        raise _UsageError(
+            f"transferkit: error: --backend {name} needs the {name} package: "
+            f"pip install 'transferkit[{name}]'"
+        )
+    os.environ["KERAS_BACKEND"] = name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `transferkit` command line.
 
@@ -340,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, extra = parser.parse_known_args(args_in)
         if args.command != "demo" and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.backend is not None:
+            _select_backend(args.backend)
         if args.version:
             from transferkit._version import __version__
 

@@ -130,7 +130,9 @@ def iterate_inputs(x: Any, batch_size: int, steps: int | None) -> Iterator[Any]:
         any_batch = False
         for element in source:
             any_batch = True
-            yield element[0] if isinstance(element, tuple) else element
+            # As NumPy: a JAX or PyTorch model does not take TensorFlow tensors.
+            inputs = element[0] if isinstance(element, tuple) else element
+            yield keras.tree.map_structure(np.asarray, inputs)
         if not any_batch:
             raise DataError("adapt_batchnorm: the dataset is empty.")
         return

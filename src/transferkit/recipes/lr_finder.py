@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from transferkit import backend
 from transferkit.compile.spec import check_learning_rate
 from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError, MissingExtraError
@@ -232,34 +233,6 @@ def _batches(x: Any, y: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
             )
 
 
-def _distributed_step(
-    strategy: Any, train_step: Callable[[Any, Any, Any], Any]
-) -> Callable[[Any, Any, Any], Any]:
-    """`train_step` run on every replica of `strategy`, each on its slice of the batch; returns
-    the mean of the replicas' losses."""
-
-    def replicated(xb: Any, yb: Any, sw: Any) -> Any:
-        per_replica = strategy.run(train_step, args=(xb, yb, sw))
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
-
-    on_replicas = tf.function(replicated, reduce_retracing=True)
-
-    def split(value: Any) -> Any:
-        if value is None:
-            return None
-
-        def part(ctx: Any) -> Any:
-            i, n = ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync
-            return keras.tree.map_structure(lambda a: a[i::n], value)
-
-        return strategy.experimental_distribute_values_from_function(part)
-
-    def step(xb: Any, yb: Any, sw: Any) -> Any:
-        return on_replicas(split(xb), split(yb), split(sw))
-
-    return step
-
-
 def run_lr_finder(
     model: keras.Model,
     x: Any,
@@ -293,36 +266,19 @@ def run_lr_finder(
     schedule = start_lr * (end_lr / start_lr) ** (np.arange(steps) / (steps - 1))
 
     weighted = isinstance(loss_fn, keras.losses.Loss)
-    # Under a tf.distribute strategy (FineTuner enters its scope) each replica takes its slice
-    # of the batch; the optimizer sums the replicas' gradients, so each loss is divided by
-    # their number to step on the batch mean, as Keras' own train step does.
-    strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
-    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    # Under a tf.distribute strategy (FineTuner enters its scope) Keras losses divide by the
+    # number of replicas; the backend's step undoes it so `value` is the batch mean loss.
+    replicas = backend.current().loss_replicas()
 
-    def train_step(xb: Any, yb: Any, sw: Any) -> Any:
-        with tf.GradientTape() as tape:
-            pred = model(xb, training=True)
-            if weighted:
-                # Keras losses already divide by the number of replicas under a strategy;
-                # undo it so `value` is this replica's mean loss.
-                value = loss_fn(yb, pred, sample_weight=sw) * replicas
-            else:  # A plain loss function returns one value per sample.
-                per_sample = loss_fn(yb, pred)
-                if sw is not None:
-                    per_sample = per_sample * tf.cast(sw, per_sample.dtype)
-                value = tf.reduce_mean(per_sample)
-            if model.losses:
-                value = value + tf.add_n(model.losses)
-            scaled = value / replicas
-        grads = tape.gradient(scaled, trainable)
-        optimizer.apply(grads, trainable)
-        return value
+    def value_fn(yb: Any, pred: Any, sw: Any) -> Any:
+        if weighted:
+            return loss_fn(yb, pred, sample_weight=sw) * replicas
+        per_sample = loss_fn(yb, pred)  # A plain loss function returns one value per sample.
+        if sw is not None:
+            per_sample = per_sample * keras.ops.cast(sw, per_sample.dtype)
+        return keras.ops.mean(per_sample)
 
-    step: Callable[[Any, Any, Any], Any]
-    if strategy is None:
-        step = tf.function(train_step, reduce_retracing=True)
-    else:
-        step = _distributed_step(strategy, train_step)
+    step = backend.current().gradient_step(model, optimizer, value_fn)
 
     lrs: list[float] = []
     raw: list[float] = []
@@ -333,7 +289,7 @@ def run_lr_finder(
         for i, lr in enumerate(schedule):
             xb, yb, sw = next(batches)
             optimizer.learning_rate = float(lr)
-            value = float(step(xb, yb, sw))
+            value = step(xb, yb, sw)
             avg = SMOOTHING * avg + (1 - SMOOTHING) * value
             smoothed = avg / (1 - SMOOTHING ** (i + 1))
             lrs.append(float(lr))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -55,10 +56,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def versions() -> dict[str, str]:
-    """The versions of transferkit, keras, tensorflow and numpy."""
+    """The versions of transferkit, keras, tensorflow and numpy, and the Keras backend in use
+    (`keras_backend`, with its version when it is not TensorFlow)."""
     from transferkit._version import __version__
 
     out = {"transferkit": __version__, "keras": keras.__version__, "numpy": np.__version__}
+    backend = str(keras.backend.backend())
+    out["keras_backend"] = backend
+    if backend != "tensorflow":
+        module = sys.modules.get(backend)
+        out[backend] = str(getattr(module, "__version__", "unknown"))
     try:
         import tensorflow as tf
 

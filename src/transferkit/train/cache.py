@@ -39,6 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from transferkit import backend
 from transferkit.errors import ConfigError
 from transferkit.model.dropout import runs_in_inference
 from transferkit.model.graph import derived_model, fresh_inputs, replay
@@ -652,15 +653,8 @@ def _progbar(steps: int | None, verbose: Any) -> Any:
 
 
 def _prefix_function(prefix: keras.Model) -> Any:
-    import tensorflow as tf
-
-    # training=True: exactly what the layers compute inside `fit` (a frozen BatchNormalization
-    # uses its moving statistics either way).
-    @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
-    def run(batch: Any) -> Any:
-        return prefix(batch, training=True)
-
-    return run
+    # The backend compiles it (tf.function, jax.jit) and returns NumPy arrays.
+    return backend.current().forward_function(prefix)
 
 
 def _extract_arrays(fn: Any, x: Any, batch_size: int, stores: list[_Store], verbose: Any) -> None:
@@ -670,8 +664,8 @@ def _extract_arrays(fn: Any, x: Any, batch_size: int, stores: list[_Store], verb
     for step in range(steps):
         lo, hi = step * batch_size, min(n, (step + 1) * batch_size)
         batch = keras.tree.map_structure(lambda a, lo=lo, hi=hi: np.asarray(a[lo:hi]), x)
-        for store, out in zip(stores, keras.tree.flatten(fn(batch)), strict=True):
-            store.add(out.numpy())
+        for store, out in zip(stores, fn(batch), strict=True):
+            store.add(out)
         if bar is not None:
             bar.update(step + 1)
 
@@ -712,8 +706,8 @@ def _dataset_features(
         bx, by, bsw = keras.utils.unpack_x_y_sample_weight(element)
         if by is None:
             return "the dataset yields no targets"
-        for store, out in zip(stores, keras.tree.flatten(fn(bx)), strict=True):
-            store.add(out.numpy())
+        for store, out in zip(stores, fn(bx), strict=True):
+            store.add(out)
         ys.append(keras.tree.map_structure(lambda t: np.asarray(t), by))
         sws.append(None if bsw is None else np.asarray(bsw))
         sizes.append(len(keras.tree.flatten(bx)[0]))
@@ -1120,7 +1114,8 @@ def _train_suffix(
     kw["callbacks"] = cb_list
     model.stop_training = False
     suffix.history = history
-    suffix.fit(**data, **kw)
+    with backend.current().shared_training_state(model, suffix):
+        suffix.fit(**data, **kw)
     return dict(history.history)
 
 

@@ -128,13 +128,15 @@ def transfer_state(
                 continue
             a, b = source[src[1]], slots[dst[1]]
             if a is not None and b is not None and tuple(a.shape) == tuple(b.shape):
-                b.assign(a)
+                # A copy, not the value itself: on JAX two variables would share one buffer,
+                # which the train function donates twice (INVALID_ARGUMENT at the next step).
+                b.assign(a.numpy())
                 copied += 1
-    new.iterations.assign(old.iterations)
+    new.iterations.assign(old.iterations.numpy())
     old_by_name = {unit.name: unit for unit in _units(old)}
     for unit in _units(new):
         match = old_by_name.get(unit.name)
-        unit.iterations.assign((match or old).iterations)
+        unit.iterations.assign((match or old).iterations.numpy())
         if match is not None and not _is_schedule(unit) and not _is_schedule(match):
             unit.learning_rate = float(keras.ops.convert_to_numpy(match.learning_rate)) * lr_factor
     return copied

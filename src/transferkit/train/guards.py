@@ -190,7 +190,11 @@ class FitGuard(keras.callbacks.Callback):  # type: ignore[misc]
         loss = (logs or {}).get("loss")
         if self.diverged_at is None and loss is not None and not math.isfinite(float(loss)):
             self.diverged_at = (self._epoch, batch)
-            self.model.stop_training = True
+            # Private API (checked on Keras 3.15.1), not `self.model`: on JAX that property
+            # writes the training state back into the variables, and this hook may run on
+            # Keras' batch-callback thread while the next step already consumes that state.
+            model = self._model if self._model is not None else self.watched
+            model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         logs = dict(logs or {})
