@@ -237,7 +237,10 @@ class FineTuner:
         """Freezes every layer before `ref`; `ref` and every layer after it become trainable.
 
         Args:
-            ref: a layer name (also of a layer inside a nested base model), an int index over
+            ref: a layer name (also of a layer inside a nested base model, or inside a custom
+                layer such as a keras-hub encoder's `"transformer_block_2"`, which is then
+                split: see `transferkit.model.layers`), a path (`"transformer_block_2/ln_1"`),
+                an int index over
                 `model.layers` without InputLayers (negative ones count from the end, so
                 `freeze_until(-5)` trains the last five layers), or a layer object.
 

@@ -20,7 +20,7 @@ import keras
 
 from transferkit._utils.checks import check_positive_number
 from transferkit.errors import ConfigError
-from transferkit.model.layers import Selector, leaf_layers, select
+from transferkit.model.layers import Selector, leaf_layers, select, unit_trainable_weights
 
 __all__ = [
     "LRGroups",
@@ -99,19 +99,19 @@ def layer_multipliers(model: keras.Model, groups: LRGroups) -> dict[int, float]:
     Raises:
         LayerNotFoundError: an `lr_mult` selector matches no layer of the model.
     """
-    per_layer: dict[int, float] = {}
+    # By variable: a selector may name a layer inside a unit (a block of a keras-hub encoder).
+    per_var: dict[int, float] = {}
     for sel, mult in groups.lr_mult:
         for layer in select(model, [sel]):
-            per_layer[id(layer)] = mult
-    leaves = [leaf for leaf in leaf_layers(model) if leaf.trainable_weights]
+            for var in layer.weights:
+                per_var[id(var)] = mult
+    leaves = [leaf for leaf in leaf_layers(model) if unit_trainable_weights(leaf)]
     depth = {id(leaf): k for k, leaf in enumerate(reversed(leaves))}
     out: dict[int, float] = {}
     for leaf in leaves:
-        mult = per_layer.get(id(leaf), 1.0)
-        if groups.layer_decay is not None:
-            mult *= groups.layer_decay ** depth[id(leaf)]
-        for var in leaf.trainable_weights:
-            out.setdefault(id(var), mult)
+        decay = 1.0 if groups.layer_decay is None else groups.layer_decay ** depth[id(leaf)]
+        for var in unit_trainable_weights(leaf):
+            out.setdefault(id(var), per_var.get(id(var), 1.0) * decay)
     return out
 
 
@@ -269,7 +269,7 @@ def build_optimizer(
     for mult in sorted({1.0, *per_var.values()}, reverse=True):
         name = _safe_name(f"{base.name}_x{mult:.6g}")
         subs[mult] = scaled_optimizer(base, lr_scale * mult, name=name)
-    owner = {id(v): leaf for leaf in leaf_layers(model) for v in leaf.trainable_weights}
+    owner = {id(v): leaf for leaf in leaf_layers(model) for v in unit_trainable_weights(leaf)}
     patterns: dict[str, float | None] = {}
     for v in variables:
         if id(v) not in owner:

@@ -34,6 +34,7 @@ from transferkit.model.keras2.files import (
     load_keras2_keras,
     written_by_keras2,
 )
+from transferkit.model.layers import own_trainable_variables, sublayers
 
 __all__ = [
     "copy_model",
@@ -278,14 +279,18 @@ def _same_values(a: keras.Variable, b: keras.Variable) -> bool:
 
 
 def _copy_flags(src: keras.layers.Layer, dst: keras.layers.Layer) -> None:
-    # Containers first: their setter overwrites every sublayer's flag.
+    # Containers first: their setter overwrites every sublayer's flag. Custom layers are walked
+    # into too, with their own variables' flags: a keras-hub encoder may be trained from its
+    # second block on (see `transferkit.model.layers`).
     if dst.trainable != src.trainable:
         dst.trainable = src.trainable
-    src_children = list(getattr(src, "layers", []))
-    dst_children = list(getattr(dst, "layers", []))
-    src_children = [c for c in src_children if not isinstance(c, keras.layers.InputLayer)]
-    dst_children = [c for c in dst_children if not isinstance(c, keras.layers.InputLayer)]
-    for s, d in zip(src_children, dst_children, strict=False):
+    if sublayers(src):
+        for s_var, d_var in zip(
+            own_trainable_variables(src), own_trainable_variables(dst), strict=False
+        ):
+            if d_var.trainable != s_var.trainable:
+                d_var.trainable = s_var.trainable
+    for s, d in zip(sublayers(src), sublayers(dst), strict=False):
         _copy_flags(s, d)
 
 

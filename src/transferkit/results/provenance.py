@@ -23,7 +23,7 @@ import numpy as np
 
 from transferkit._utils.files import atomic_write_bytes, hash_arrays
 from transferkit.errors import ModelLoadError, SaveError
-from transferkit.model.layers import leaf_layers
+from transferkit.model.layers import leaf_layers, unit_trainable, unit_weights
 
 __all__ = [
     "PROVENANCE_SUFFIX",
@@ -124,7 +124,11 @@ def fit_context(
         optimizer_config: the optimizer's `get_config()`.
         fit_arguments: the arguments of the fit (data is described, not stored).
     """
-    frozen = [layer.name for layer in leaf_layers(model) if layer.weights and not layer.trainable]
+    frozen = [
+        layer.name
+        for layer in leaf_layers(model)
+        if unit_weights(layer) and not unit_trainable(layer)
+    ]
     return {
         "base_model": {
             "path": str(source.resolve()) if source is not None else None,

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from transferkit.model.graph import is_container
-from transferkit.model.layers import top_layers
+from transferkit.model.layers import is_split, sublayers
 from transferkit.recipes.lora import lora_rank
 
 __all__ = [
@@ -77,11 +77,12 @@ def _state(layer: keras.layers.Layer, new: Collection[str]) -> str:
 def layer_rows(
     model: keras.Model, *, new_layers: Collection[str] = (), expand: bool = True
 ) -> list[LayerRow]:
-    """Rows for the top-level layers, and the layers of nested models below them when `expand`."""
+    """Rows for the top-level layers, and below them when `expand` the layers of nested models
+    and of custom layers whose blocks are frozen apart (see `transferkit.model.layers`)."""
     rows: list[LayerRow] = []
 
     def visit(container: keras.layers.Layer, depth: int) -> None:
-        for layer in top_layers(container):
+        for layer in sublayers(container):
             rank = lora_rank(layer)
             rows.append(
                 LayerRow(
@@ -94,7 +95,7 @@ def layer_rows(
                     lora_rank=int(rank) if rank else None,
                 )
             )
-            if expand and is_container(layer):
+            if expand and (is_container(layer) or is_split(layer)):
                 visit(layer, depth + 1)
 
     visit(model, 0)

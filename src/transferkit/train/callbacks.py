@@ -27,6 +27,8 @@ from transferkit.model.layers import (
     freeze_until_plan,
     is_batchnorm,
     leaf_layers,
+    unit_trainable,
+    unit_weights,
 )
 from transferkit.recipes.lora import check_flags_editable
 
@@ -291,10 +293,10 @@ class GradualUnfreezing(_UnfreezeCallback):
         chosen: list[keras.layers.Layer] = []
         weighted = 0
         for leaf in reversed(leaf_layers(self.model)):
-            if leaf.trainable or (policy == "frozen" and is_batchnorm(leaf)):
+            if unit_trainable(leaf) or (policy == "frozen" and is_batchnorm(leaf)):
                 continue
             chosen.append(leaf)
-            if leaf.weights:
+            if unit_weights(leaf):
                 weighted += 1
                 if weighted == self.step:
                     break

@@ -68,7 +68,7 @@ from transferkit._utils.files import (
     os_reason,
 )
 from transferkit.errors import CheckpointError
-from transferkit.model.layers import leaf_layers
+from transferkit.model.layers import leaf_layers, unit_trainable, unit_weights
 
 if sys.platform != "win32":
     import fcntl
@@ -155,7 +155,11 @@ def _architecture(model: keras.Model) -> list[Any]:
     ]
     for layer in leaf_layers(model):
         rows.append(
-            [type(layer).__name__, _layer_config(layer), [list(w.shape) for w in layer.weights]]
+            [
+                type(layer).__name__,
+                _layer_config(layer),
+                [list(w.shape) for w in unit_weights(layer)],
+            ]
         )
     return rows
 
@@ -172,7 +176,7 @@ def fingerprint(model: keras.Model, plan: Mapping[str, Any]) -> dict[str, str]:
     """
     return {
         "architecture": _digest(_architecture(model)),
-        "trainable": _digest([bool(layer.trainable) for layer in leaf_layers(model)]),
+        "trainable": _digest([unit_trainable(layer) for layer in leaf_layers(model)]),
         "frozen_weights": hash_arrays(v.numpy() for v in model.non_trainable_weights),
         "plan": _digest(plan),
     }

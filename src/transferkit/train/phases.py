@@ -12,7 +12,7 @@ import keras
 from transferkit._utils.checks import check_int, check_positive_number
 from transferkit.errors import ConfigError
 from transferkit.model.heads import HeadSpec, classifier_layers
-from transferkit.model.layers import leaf_layers, resolve
+from transferkit.model.layers import leaf_layers, resolve, unit_trainable
 from transferkit.results.result import FitResult
 
 __all__ = [
@@ -62,7 +62,7 @@ def head_layers(model: keras.Model, head: HeadSpec | None) -> list[keras.layers.
 
 def leaf_flags(model: keras.Model) -> dict[int, bool]:
     """The current trainable flag of every leaf layer, keyed by `id(layer)`."""
-    return {id(leaf): bool(leaf.trainable) for leaf in leaf_layers(model)}
+    return {id(leaf): unit_trainable(leaf) for leaf in leaf_layers(model)}
 
 
 def _head_leaves(head: Sequence[keras.layers.Layer]) -> set[int]:
