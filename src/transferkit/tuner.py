@@ -555,6 +555,7 @@ class FineTuner:
         *,
         cache: bool | str = "auto",
         cache_memory: int = 1 << 30,
+        augment_views: int | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         restore_best: bool = False,
         raise_on_interrupt: bool = False,
@@ -571,6 +572,11 @@ class FineTuner:
             cache: the frozen-prefix feature cache: "auto" (use it when exact), True
                 (require it) or False (plain `model.fit`).
             cache_memory: bytes of cached features kept in memory before spilling to disk.
+            augment_views: opt-in augmentation views (docs/cache.md): when the frozen prefix
+                augments (`Random*` layers before a frozen base, random maps in a dataset),
+                compute it for this many augmented passes and train epoch `e` on pass
+                `e mod augment_views`. Each draw is then reused, which plain fit does not do;
+                `FitResult.augment_views` says when it happened.
             checkpoint_dir: keep resumable per-epoch state here; re-running resumes.
             restore_best: end with the weights of the best epoch.
             raise_on_interrupt: re-raise a KeyboardInterrupt instead of returning.
@@ -583,11 +589,14 @@ class FineTuner:
         Raises:
             NotCompiledError: no compile yet.
             DataError: the data does not fit the model.
-            ConfigError: `cache=True` and the fit cannot be cached (the message says why).
+            ConfigError: `cache=True` and the fit cannot be cached (the message says why);
+                `augment_views` is not an int >= 1, comes with `cache=False`, or nothing in the
+                model or the data augments.
         """
         options = FitOptions(
             cache=cache,
             cache_memory=cache_memory,
+            augment_views=augment_views,
             checkpoint_dir=checkpoint_dir,
             restore_best=restore_best,
             raise_on_interrupt=raise_on_interrupt,

@@ -28,8 +28,10 @@ ValueFn = Callable[[Any, Any, Any], Any]
 class BackendModule(Protocol):
     """What every backend module provides."""
 
-    def forward_function(self, model: keras.Model) -> Callable[[Any], list[Any]]:
-        """A compiled `model(batch, training=True)` returning its outputs as NumPy arrays.
+    def forward_function(
+        self, model: keras.Model, training: bool = True
+    ) -> Callable[[Any], list[Any]]:
+        """A compiled `model(batch, training=training)` returning its outputs as NumPy arrays.
 
         Only for models whose variables it does not change (a frozen, deterministic prefix).
         """

@@ -31,14 +31,14 @@ def _arrays(data: Any) -> Any:
     return keras.tree.map_structure(np.asarray, data)
 
 
-def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
+def forward_function(model: keras.Model, training: bool = True) -> Callable[[Any], list[Any]]:
     """See `BackendModule.forward_function`."""
 
     @jax.jit  # type: ignore[untyped-decorator]
     def run(trainable: list[Any], non_trainable: list[Any], batch: Any) -> Any:
         # training=True: exactly what the layers compute inside `fit` (a frozen
         # BatchNormalization uses its moving statistics either way).
-        outputs, _ = model.stateless_call(trainable, non_trainable, batch, training=True)
+        outputs, _ = model.stateless_call(trainable, non_trainable, batch, training=training)
         return outputs
 
     def call(batch: Any) -> list[Any]:

@@ -14,14 +14,14 @@ from transferkit.backend import ValueFn
 __all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
 
 
-def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
+def forward_function(model: keras.Model, training: bool = True) -> Callable[[Any], list[Any]]:
     """See `BackendModule.forward_function`."""
 
     # training=True: exactly what the layers compute inside `fit` (a frozen BatchNormalization
     # uses its moving statistics either way).
     @tf.function(reduce_retracing=True)  # type: ignore[untyped-decorator]
     def run(batch: Any) -> Any:
-        return model(batch, training=True)
+        return model(batch, training=training)
 
     def call(batch: Any) -> list[Any]:
         return [out.numpy() for out in keras.tree.flatten(run(batch))]

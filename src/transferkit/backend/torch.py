@@ -15,13 +15,13 @@ from transferkit.backend import ValueFn
 __all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
 
 
-def forward_function(model: keras.Model) -> Callable[[Any], list[Any]]:
+def forward_function(model: keras.Model, training: bool = True) -> Callable[[Any], list[Any]]:
     """See `BackendModule.forward_function`."""
 
     def call(batch: Any) -> list[Any]:
         with torch.no_grad():
             # training=True: exactly what the layers compute inside `fit`.
-            out = model(batch, training=True)
+            out = model(batch, training=training)
         return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
 
     return call

@@ -147,6 +147,8 @@ class FitResult:
         phases: (phase name, epochs run) for each phase; one ("fit", epochs) for a plain fit.
         cached: whether the frozen-prefix feature cache was used.
         cache_layer: the last layer of the cached prefix, when `cached`.
+        augment_views: when the cache trained on augmentation views (`fit(augment_views=K)`),
+            K: epoch `e` saw the prefix's augmentation of pass `e mod K`. None otherwise.
         interrupted: the fit stopped on a KeyboardInterrupt.
         diverged: the fit stopped on a NaN or infinite loss (weights rolled back).
     """
@@ -164,6 +166,7 @@ class FitResult:
     phases: list[tuple[str, int]] = field(default_factory=list)
     cached: bool = False
     cache_layer: str | None = None
+    augment_views: int | None = None
     interrupted: bool = False
     diverged: bool = False
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -180,6 +183,7 @@ class FitResult:
         phases: list[tuple[str, int]] | None = None,
         cached: bool = False,
         cache_layer: str | None = None,
+        augment_views: int | None = None,
         interrupted: bool = False,
         diverged: bool = False,
         **extras: Any,
@@ -204,6 +208,7 @@ class FitResult:
             phases=list(phases) if phases is not None else [("fit", epochs)],
             cached=cached,
             cache_layer=cache_layer,
+            augment_views=augment_views,
             interrupted=interrupted,
             diverged=diverged,
             extras=dict(extras),
@@ -252,6 +257,7 @@ class FitResult:
             "phases": self.phases,
             "interrupted": self.interrupted,
             "diverged": self.diverged,
+            "augment_views": self.augment_views,
         }
         # Both files are staged before either is renamed: a disk that fills up while writing
         # the record leaves the old model and its old record in place.

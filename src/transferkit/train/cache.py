@@ -21,6 +21,13 @@ The pieces:
 Callbacks see the full model. A callback that changes trainable flags during fit (a gradual
 unfreezing schedule) must declare it with a class or instance attribute
 `changes_trainable = True`; the cache then steps aside, because the cut would move mid-fit.
+The cached head runs a whole epoch per call into its compiled graph unless a callback overrides
+a per-batch hook; one whose batch hooks are content with one call per execution (the logs then
+hold the epoch's running means) declares `checks_per_execution = True`.
+
+Augmentation views (`views=K`, opt-in): random augmentation in the prefix (`Random*` layers,
+random maps in a dataset) is computed for K passes over the data, and epoch `e` trains on pass
+`e mod K`. That is not plain fit (each draw is reused), so it is never chosen on its own.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import keras
@@ -48,8 +55,10 @@ from transferkit.train.executor import Executor, ExecutorResult, plain_executor
 
 __all__ = [
     "CachePlan",
+    "is_augmentation",
     "RANDOM_LAYER_TYPES",
     "cached_executor",
+    "check_augment_views",
     "cut_frontier",
     "dataset_randomness",
     "is_inert",
@@ -132,7 +141,24 @@ def is_inert(layer: keras.layers.Layer) -> bool:
         return False
 
 
-def layer_blocker(layer: Any) -> str | None:
+def is_augmentation(layer: Any) -> bool:
+    """Whether `layer` is a random data-augmentation layer: a Keras image preprocessing layer or
+    a `Random*` layer that owns a `SeedGenerator` (not a Dropout or noise layer).
+
+    Example:
+
+    >>> is_augmentation(keras.layers.RandomFlip()), is_augmentation(keras.layers.Dropout(0.5))
+    (True, False)
+    """
+    if not isinstance(layer, keras.layers.Layer) or isinstance(layer, RANDOM_LAYER_TYPES):
+        return False
+    if not _seed_generators(layer):
+        return False  # Resizing, CenterCrop: deterministic, cached like any layer
+    names = {cls.__name__ for cls in type(layer).__mro__}
+    return "BaseImagePreprocessingLayer" in names or type(layer).__name__.startswith("Random")
+
+
+def layer_blocker(layer: Any, augment: bool = False) -> str | None:
     """Why `layer` cannot be part of the cached prefix, or None when it can.
 
     A cacheable layer is frozen (not trainable, or without any weights), deterministic in
@@ -141,6 +167,8 @@ def layer_blocker(layer: Any) -> str | None:
 
     Args:
         layer: a leaf layer or a Keras operation from a functional graph.
+        augment: augmentation layers (`is_augmentation`) are cacheable too, as augmentation
+            views computed once per pass.
 
     Returns:
         None, or a short reason such as "is trainable".
@@ -155,6 +183,8 @@ def layer_blocker(layer: Any) -> str | None:
     subs = _sublayers(layer)
     for sub in subs:
         if is_inert(sub) or runs_in_inference(sub):  # rate 0, or dropout="frozen"
+            continue
+        if augment and is_augmentation(sub):
             continue
         if isinstance(sub, RANDOM_LAYER_TYPES) or _seed_generators(sub):
             return f"is random in training mode ({type(sub).__name__})"
@@ -390,12 +420,15 @@ class CachePlan:
         suffix: one input per cut tensor -> the full model's outputs, sharing its layers.
         cut_layer: name of the layer producing the last cut tensor.
         prefix_layers: names of the layers computed once.
+        augmentation: names of the prefix layers that are random augmentation (planned with
+            `augment=True`); their outputs differ between passes.
     """
 
     prefix: keras.Model
     suffix: keras.Model
     cut_layer: str
     prefix_layers: list[str]
+    augmentation: list[str] = field(default_factory=list)
 
 
 def _nodes_in_order(model: keras.Model) -> list[Any]:
@@ -416,10 +449,14 @@ def _producer_name(tensor: Any) -> str:
     return str(getattr(op, "name", "input"))
 
 
-def plan_cache(model: keras.Model) -> CachePlan | str:
+def plan_cache(model: keras.Model, augment: bool = False) -> CachePlan | str:
     """Splits `model` at the end of its longest deterministic frozen prefix.
 
     Nested models are replayed layer by layer, so the cut can fall inside a nested base.
+
+    Args:
+        model: the model to split.
+        augment: random augmentation layers may be part of the prefix (augmentation views).
 
     Returns:
         A `CachePlan`, or a reason why nothing worthwhile can be cached.
@@ -431,7 +468,7 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     except Exception as exc:  # Keras raises several types for graphs it cannot rebuild.
         return f"its graph cannot be replayed layer by layer ({exc})"
     nodes = _nodes_in_order(flat)
-    blockers = {id(n): layer_blocker(n.operation) for n in nodes}
+    blockers = {id(n): layer_blocker(n.operation, augment) for n in nodes}
     described = [
         (
             [id(t) for t in n.input_tensors],
@@ -490,7 +527,14 @@ def plan_cache(model: keras.Model) -> CachePlan | str:
     cut_layer = _producer_name(cut_tensor)
     if last >= 0 and any(id(t) == id(cut_tensor) for t in keras.tree.flatten(nodes[last].outputs)):
         cut_layer = nodes[last].operation.name
-    return CachePlan(prefix, suffix, cut_layer, [n.operation.name for n in prefix_nodes])
+    augmenting = [
+        n.operation.name
+        for n in prefix_nodes
+        if isinstance(n.operation, keras.layers.Layer)
+        and any(is_augmentation(sub) for sub in _sublayers(n.operation))
+    ]
+    names = [n.operation.name for n in prefix_nodes]
+    return CachePlan(prefix, suffix, cut_layer, names, augmenting)
 
 
 # ------------------------------------------------------------------------- feature storage
@@ -643,6 +687,32 @@ class _MemmapBatches(keras.utils.PyDataset):  # type: ignore[misc]
         self._reshuffle()
 
 
+class _ViewBatches(_MemmapBatches):
+    """Batches of augmentation view `epoch mod K`, in memory or spilled; `_ViewSwitch` picks."""
+
+    def __init__(
+        self, views: list[_Features], batch_size: int, shuffle: bool | str, every: int
+    ) -> None:
+        super().__init__(views[0], batch_size, shuffle)
+        self._views = views
+        self._every = every
+
+    def select(self, epoch: int) -> None:
+        # Views are computed for 0 .. min(K, epochs) - 1, which covers every epoch's e mod K.
+        self._f = self._views[epoch % self._every]
+
+
+class _ViewSwitch(keras.callbacks.Callback):  # type: ignore[misc]
+    """Points `_ViewBatches` at the epoch's view before Keras reads its first batch."""
+
+    def __init__(self, batches: _ViewBatches) -> None:
+        super().__init__()
+        self._batches = batches
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._batches.select(epoch)
+
+
 # ------------------------------------------------------------------------------ extraction
 
 
@@ -652,9 +722,12 @@ def _progbar(steps: int | None, verbose: Any) -> Any:
     return keras.utils.Progbar(steps, verbose=1 if verbose == "auto" else verbose)
 
 
-def _prefix_function(prefix: keras.Model) -> Any:
-    # The backend compiles it (tf.function, jax.jit) and returns NumPy arrays.
-    return backend.current().forward_function(prefix)
+def _prefix_function(prefix: keras.Model, training: bool = True) -> Any:
+    # The backend compiles it (tf.function, jax.jit) and returns NumPy arrays. training=True is
+    # exactly what the layers compute inside `fit` (a frozen BatchNormalization uses its moving
+    # statistics either way); training=False for validation features when the prefix augments,
+    # since Keras evaluates without augmentation.
+    return backend.current().forward_function(prefix, training=training)
 
 
 def _extract_arrays(fn: Any, x: Any, batch_size: int, stores: list[_Store], verbose: Any) -> None:
@@ -777,6 +850,44 @@ class _BatchBridge(_Bridge):
         self._forward_stop()
 
 
+def _steps_per_execution(config: dict[str, Any], steps: int, callbacks: Sequence[Any]) -> int:
+    """How many steps the suffix runs per call into the compiled graph.
+
+    The cached features need no per-step work from the host, so an epoch is one call (one host
+    round-trip instead of one per batch) unless the user compiled with their own value or a
+    callback needs to see every batch. Each step is the same train step either way, so the
+    weights are those of one step per call.
+    """
+    asked = int(config.get("steps_per_execution", 1) or 1)
+    if asked != 1 or any(_needs_every_batch(cb) for cb in callbacks):
+        return asked
+    return max(1, steps)
+
+
+# Keras callbacks whose batch hooks work on the logs of a whole execution: the loss in them is
+# the epoch's running mean, non-finite as soon as one batch's loss was (checked on Keras 3.15.1).
+_PER_EXECUTION_CALLBACKS: tuple[type[Any], ...] = (
+    keras.callbacks.History,
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.TerminateOnNaN,
+)
+
+
+def _needs_every_batch(cb: Any) -> bool:
+    if getattr(cb, "checks_per_execution", False) is True:
+        return False  # declares its batch hooks need one call per execution only (FitGuard)
+    if isinstance(cb, _PER_EXECUTION_CALLBACKS):
+        return False
+    if isinstance(cb, keras.callbacks.ModelCheckpoint) and cb.save_freq == "epoch":
+        return False  # its batch hook only saves for an integer save_freq
+    base = keras.callbacks.Callback
+    kind = type(cb)
+    return any(
+        getattr(kind, hook) is not getattr(base, hook)
+        for hook in ("on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")
+    )
+
+
 def _overrides_batch_end(cb: Any) -> bool:
     base = keras.callbacks.Callback
     return bool(
@@ -810,7 +921,7 @@ def _slice(x: Any, lo: int, hi: int) -> Any:
 _ARRAY_ONLY = ("steps_per_epoch",)
 
 
-def _data_reason(x: Any, y: Any, kw: dict[str, Any], mode: Mode) -> str | None:
+def _data_reason(x: Any, y: Any, kw: dict[str, Any], mode: Mode, views: bool) -> str | None:
     if isinstance(x, keras.utils.PyDataset):
         return "a keras.utils.PyDataset is read batch by batch by Keras; only arrays and tf.data"
     if _is_dataset(x):
@@ -819,7 +930,8 @@ def _data_reason(x: Any, y: Any, kw: dict[str, Any], mode: Mode) -> str | None:
             return "y, sample_weight or validation_split were given with a dataset"
         if kw.get("steps_per_epoch") is not None:
             return "steps_per_epoch with a dataset is not supported by the cache"
-        return _dataset_reason(x, mode, "the training dataset") or _val_reason(kw, mode)
+        training = _dataset_reason(x, mode, "the training dataset", views)
+        return training or _val_reason(kw, mode)
     if not _is_arrays(x) or (y is not None and not _is_arrays(y)):
         return f"the data is neither NumPy arrays nor a tf.data.Dataset ({type(x).__name__})"
     if y is None:
@@ -839,13 +951,21 @@ def _val_reason(kw: dict[str, Any], mode: Mode) -> str | None:
     return None
 
 
-def _dataset_reason(ds: Any, mode: Mode, what: str) -> str | None:
+def _dataset_reason(ds: Any, mode: Mode, what: str, views: bool = False) -> str | None:
     card = int(ds.cardinality())
     if card < 0 and card != -2:  # INFINITE; UNKNOWN (-2) is finite in practice for fit
         return f"{what} is infinite (`repeat()`)"
     # A reshuffle alone is replayed on the cached features (train_suffix); validation metrics
     # do not depend on the order at all.
     walk = _walk_pipeline(ds)
+    if views:
+        # Each augmentation view is a fresh pass over the dataset: its random (or opaque)
+        # steps run again, which is the point.
+        return (
+            f"{what} changes between epochs: {walk.shuffle_problem}"
+            if walk.shuffle_problem
+            else None
+        )
     random = walk.random or walk.shuffle_problem
     if random:
         return (
@@ -895,6 +1015,7 @@ def cached_executor(
     *,
     mode: Mode = "auto",
     memory: int = 1 << 30,
+    views: int | None = None,
 ) -> ExecutorResult:
     """Fits `model` on cached prefix features when exact, else (under "auto") plainly.
 
@@ -905,13 +1026,20 @@ def cached_executor(
             True (raise instead).
         memory: bytes of features kept in memory; beyond it they go to a temporary memory-mapped
             file, removed when the fit ends, however it ends.
+        views: augmentation views: random augmentation in the prefix (layers, or random maps
+            in a dataset) is computed for this many passes, and epoch `e` trains on pass
+            `e mod views`. None: the prefix must be deterministic.
 
     Returns:
-        The `ExecutorResult`, with `cached` and `cache_layer` telling what happened.
+        The `ExecutorResult`, with `cached`, `cache_layer` and `augment_views` telling what
+        happened.
 
     Raises:
-        ConfigError: `mode` is True and the fit cannot be cached; the message says why.
+        ConfigError: `mode` is True and the fit cannot be cached; the message says why. Or
+            `views` is given and nothing in the model or the data augments.
     """
+    if views is not None:
+        _check_views(model, x, views)
     kw = dict(fit_kwargs)
     callbacks = kw.get("callbacks") or []
     if isinstance(callbacks, keras.callbacks.CallbackList):
@@ -919,12 +1047,18 @@ def cached_executor(
     else:
         callbacks = list(keras.tree.flatten(callbacks))
         reason = _callback_reason(callbacks) or _model_reason(model, kw, mode)
-    reason = reason or _data_reason(x, y, kw, mode)
+    reason = reason or _data_reason(x, y, kw, mode, views is not None)
     plan: CachePlan | str | None = None
     if reason is None:
-        plan = plan_cache(model)
+        plan = plan_cache(model, augment=views is not None)
         if isinstance(plan, str):
             reason = plan
+        elif views is not None and not plan.augmentation and not _augmenting_data(x):
+            raise ConfigError(
+                f"augment_views={views}, but the cached prefix (up to {plan.cut_layer!r}) "
+                "does not augment: the random layers come after a trainable one. Drop "
+                "augment_views, or move the augmentation before the frozen base."
+            )
     if reason is not None or not isinstance(plan, CachePlan):
         if mode is True:
             raise ConfigError(
@@ -932,8 +1066,9 @@ def cached_executor(
                 "cache='auto' to fall back to plain fit silently, or cache=False."
             )
         return plain_executor(model, x, y, fit_kwargs)
+    passes = None if views is None else _passes(views, kw)
     with _spill_dir() as spill:
-        history = _fit_cached(model, plan, x, y, kw, callbacks, _Budget(memory), spill)
+        history = _fit_cached(model, plan, x, y, kw, callbacks, _Budget(memory), spill, passes)
         if isinstance(history, str):  # seen only while computing the features
             if mode is True:
                 raise ConfigError(
@@ -947,7 +1082,42 @@ def cached_executor(
                     stacklevel=2,
                 )
             return plain_executor(model, x, y, fit_kwargs)
-    return ExecutorResult(history=history, cached=True, cache_layer=plan.cut_layer)
+    return ExecutorResult(
+        history=history, cached=True, cache_layer=plan.cut_layer, augment_views=views
+    )
+
+
+def check_augment_views(views: Any) -> int | None:
+    """`views` as an int >= 1, or None.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if views is None:
+        return None
+    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or views < 1:
+        raise ConfigError(
+            f"augment_views must be a number of augmented passes >= 1 (or None), got {views!r}."
+        )
+    return int(views)
+
+
+def _augmenting_data(x: Any) -> bool:
+    return _is_dataset(x) and _walk_pipeline(x).random is not None
+
+
+def _check_views(model: keras.Model, x: Any, views: int) -> None:
+    if not any(is_augmentation(layer) for layer in _sublayers(model)) and not _augmenting_data(x):
+        raise ConfigError(
+            f"augment_views={views}, but nothing augments: the model has no random "
+            "augmentation layer (RandomFlip, RandomRotation, ...) and the data is not a "
+            "tf.data.Dataset with random maps. Drop augment_views; the cache is exact without it."
+        )
+
+
+def _passes(views: int, kw: dict[str, Any]) -> int:
+    # Epoch e trains on view e mod K: epochs 0 .. epochs-1 need min(K, epochs) views.
+    return max(1, min(views, int(kw.get("epochs", 1))))
 
 
 def _model_reason(model: keras.Model, kw: dict[str, Any], mode: Mode) -> str | None:
@@ -975,9 +1145,10 @@ def _fit_cached(
     callbacks: list[Any],
     budget: _Budget,
     spill: _SpillDir,
+    passes: int | None = None,
 ) -> dict[str, list[float]] | str:
     try:
-        got = _cached_features(plan, x, y, kw, budget, spill)
+        got = _cached_features(plan, x, y, kw, budget, spill, passes or 1)
     except _ShapeChange as exc:
         return (
             "the cut tensor has axes that are None in the graph and whose sizes change between "
@@ -989,8 +1160,8 @@ def _fit_cached(
         return f"computing the features failed ({type(exc).__name__}: {exc})"
     if isinstance(got, str):
         return got
-    feats, val_feats = got
-    return _train_suffix(model, plan, feats, val_feats, kw, callbacks)
+    views, val_feats = got
+    return _train_suffix(model, plan, views, val_feats, kw, callbacks)
 
 
 def _cached_features(
@@ -1000,10 +1171,14 @@ def _cached_features(
     kw: dict[str, Any],
     budget: _Budget,
     spill: _SpillDir,
-) -> tuple[_Features, _Features | None] | str:
-    """The prefix's outputs for the training (and validation) data; adjusts `kw` to them."""
+    passes: int = 1,
+) -> tuple[list[_Features], _Features | None] | str:
+    """The prefix's outputs for the training data, one `_Features` per pass (augmentation
+    views), and for the validation data; adjusts `kw` to them."""
     verbose = kw.get("verbose", "auto")
     fn = _prefix_function(plan.prefix)
+    # Keras validates in inference mode: without augmentation.
+    val_fn = _prefix_function(plan.prefix, training=False) if plan.augmentation else fn
     n_cuts = len(plan.prefix.outputs)
     val = kw.pop("validation_data", None)
     split = float(kw.pop("validation_split", 0.0) or 0.0)
@@ -1012,10 +1187,15 @@ def _cached_features(
     if _is_dataset(x):
         # Keras ignores `shuffle` with a dataset; the cached features reshuffle as it would.
         shuffle = dataset_shuffle(x)[0]
-        feats = _dataset_features(fn, n_cuts, x, budget, spill, verbose, shuffle == "batch")
-        if isinstance(feats, str):
-            return f"the training dataset: {feats}"
-        kw["batch_size"] = feats.batch_size
+        views: list[_Features] = []
+        for _ in range(passes):
+            feats = _dataset_features(fn, n_cuts, x, budget, spill, verbose, shuffle == "batch")
+            if isinstance(feats, str):
+                return f"the training dataset: {feats}"
+            views.append(feats)
+        if len({(len(v.x[0]), v.batch_size) for v in views}) > 1:
+            return "the training dataset yields other numbers of samples in different passes"
+        kw["batch_size"] = views[0].batch_size
         kw["shuffle"] = True if shuffle == "elements" else shuffle
     else:
         batch_size = int(kw.get("batch_size") or 32)
@@ -1028,10 +1208,13 @@ def _cached_features(
                 return f"validation_split={split} leaves an empty split of {n} samples"
             val = (_slice(x, at, n), _slice(y, at, n), _slice(sw, at, n))
             x, y, sw = _slice(x, 0, at), _slice(y, 0, at), _slice(sw, 0, at)
-        feats = _array_features(fn, n_cuts, x, y, sw, batch_size, budget, spill, verbose)
+        views = [
+            _array_features(fn, n_cuts, x, y, sw, batch_size, budget, spill, verbose)
+            for _ in range(passes)
+        ]
     if val is not None:
         if _is_dataset(val):
-            got = _dataset_features(fn, n_cuts, val, budget, spill, verbose, True)
+            got = _dataset_features(val_fn, n_cuts, val, budget, spill, verbose, True)
             if isinstance(got, str):
                 return f"the validation dataset: {got}"
             val_feats = got
@@ -1039,19 +1222,20 @@ def _cached_features(
         else:
             vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(val))
             vbs = int(kw.get("validation_batch_size") or kw["batch_size"])
-            val_feats = _array_features(fn, n_cuts, vx, vy, vsw, vbs, budget, spill, verbose)
-    return feats, val_feats
+            val_feats = _array_features(val_fn, n_cuts, vx, vy, vsw, vbs, budget, spill, verbose)
+    return views, val_feats
 
 
 def _train_suffix(
     model: keras.Model,
     plan: CachePlan,
-    feats: _Features,
+    views: list[_Features],
     val: _Features | None,
     kw: dict[str, Any],
     callbacks: list[Any],
 ) -> dict[str, list[float]]:
     suffix = plan.suffix
+    feats = views[0]
     config = _compile_config(model)
     suffix.compile(
         optimizer=model.optimizer,  # the same instance: its state and LR schedule carry on
@@ -1060,7 +1244,7 @@ def _train_suffix(
         metrics=config.get("metrics"),
         weighted_metrics=config.get("weighted_metrics"),
         run_eagerly=config.get("run_eagerly", False),
-        steps_per_execution=config.get("steps_per_execution", 1),
+        steps_per_execution=1,  # set below, once the number of steps is known
         jit_compile=config.get("jit_compile", "auto"),
     )
     if tf.distribute.has_strategy():
@@ -1069,9 +1253,15 @@ def _train_suffix(
         prepare_model(suffix, tf.distribute.get_strategy())
     batch_size = int(kw.pop("batch_size"))
     shuffle = kw.pop("shuffle", True)
-    if _is_spilled(feats.x):
+    switch: list[Any] = []
+    if len(views) > 1:
+        batches = _ViewBatches(views, batch_size, shuffle, len(views))
+        data: dict[str, Any] = {"x": batches, "shuffle": False}
+        steps = len(batches)
+        switch.append(_ViewSwitch(batches))
+    elif _is_spilled(feats.x):
         # Keras would shuffle a PyDataset's batch order (not its samples): it shuffles itself.
-        data: dict[str, Any] = {"x": _MemmapBatches(feats, batch_size, shuffle), "shuffle": False}
+        data = {"x": _MemmapBatches(feats, batch_size, shuffle), "shuffle": False}
         steps = len(data["x"])
     elif shuffle == "batch":
         # Keras' shuffle="batch" for arrays shuffles inside each batch; this keeps the batches
@@ -1080,7 +1270,7 @@ def _train_suffix(
         steps = math.ceil(len(feats.x[0]) / batch_size)
     else:
         data = {
-            "x": feats.model_x(),
+            "x": _as_tensors(feats.model_x()),
             "y": feats.y,
             "sample_weight": feats.sample_weight,
             "batch_size": batch_size,
@@ -1094,6 +1284,7 @@ def _train_suffix(
         else:
             kw["validation_data"] = (val.model_x(), val.y, val.sample_weight)
             kw["validation_batch_size"] = vbs
+    suffix.steps_per_execution = _steps_per_execution(config, steps, callbacks)
     history = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.History)), None)
     extra: list[Any] = []
     if history is None:
@@ -1103,7 +1294,7 @@ def _train_suffix(
     verbose = kw.get("verbose", "auto")
     epochs = kw.get("epochs", 1)
     cb_list = keras.callbacks.CallbackList(
-        [*callbacks, *extra, bridge_cls(model, suffix)],
+        [*switch, *callbacks, *extra, bridge_cls(model, suffix)],
         add_history=False,
         add_progbar=verbose != 0,
         model=model,  # user callbacks see (and save, and restore) the full model
@@ -1119,6 +1310,15 @@ def _train_suffix(
     return dict(history.history)
 
 
+def _as_tensors(x: Any) -> Any:
+    # Keras' array adapter converts NumPy inputs to tensors again in every epoch (Keras 3.15.1,
+    # TensorFlow backend: a copy of all the features per epoch); converted once, the epochs
+    # slice the same tensor. Peak memory is unchanged: Keras held that copy anyway.
+    if keras.backend.backend() != "tensorflow":
+        return x
+    return keras.tree.map_structure(tf.convert_to_tensor, x)
+
+
 def _batch_shuffled(feats: _Features, batch_size: int) -> Any:
     parts = [feats.model_x(), feats.y]
     if feats.sample_weight is not None:
@@ -1129,16 +1329,17 @@ def _batch_shuffled(feats: _Features, batch_size: int) -> Any:
     return batches.shuffle(steps, reshuffle_each_iteration=True).prefetch(tf.data.AUTOTUNE)
 
 
-def make_cached_executor(mode: Mode, memory: int) -> Executor:
+def make_cached_executor(mode: Mode, memory: int, views: int | None = None) -> Executor:
     """The executor `run_fit` uses for `cache="auto"` or `cache=True`.
 
     Raises:
-        ConfigError: `memory` is not a non-negative int.
+        ConfigError: `memory` is not a non-negative int, or `views` not None or an int >= 1.
     """
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise ConfigError(f"cache_memory must be a number of bytes >= 0, got {memory!r}.")
+    views = check_augment_views(views)
 
     def run(model: keras.Model, x: Any, y: Any, fit_kwargs: dict[str, Any]) -> ExecutorResult:
-        return cached_executor(model, x, y, fit_kwargs, mode=mode, memory=memory)
+        return cached_executor(model, x, y, fit_kwargs, mode=mode, memory=memory, views=views)
 
     return run

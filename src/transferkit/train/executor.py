@@ -18,11 +18,20 @@ __all__ = ["Executor", "ExecutorResult", "plain_executor"]
 
 @dataclass
 class ExecutorResult:
-    """What an executor returns: the Keras history and how it trained."""
+    """What an executor returns: the Keras history and how it trained.
+
+    Attributes:
+        history: the Keras history.
+        cached: trained on cached prefix features.
+        cache_layer: the last layer of the cached prefix, when `cached`.
+        augment_views: the number of augmentation views trained on, when the cache computed
+            the prefix's random augmentation for several passes; else None.
+    """
 
     history: dict[str, list[float]]
     cached: bool = False
     cache_layer: str | None = None
+    augment_views: int | None = None
 
 
 Executor = Callable[[keras.Model, Any, Any, dict[str, Any]], ExecutorResult]

@@ -34,6 +34,8 @@ class FitOptions:
     Attributes:
         cache: "auto", True or False: the frozen-prefix feature cache.
         cache_memory: bytes of features kept in memory before spilling to a memory-mapped file.
+        augment_views: compute the frozen prefix's random augmentation for this many passes and
+            train epoch `e` on pass `e mod augment_views` (None: the prefix must be exact).
         checkpoint_dir: where resumable per-epoch state is kept, or None.
         restore_best: end with the weights of the best epoch by the monitored value.
         raise_on_interrupt: re-raise a KeyboardInterrupt instead of returning a result.
@@ -42,6 +44,7 @@ class FitOptions:
 
     cache: CacheMode = "auto"
     cache_memory: int = 1 << 30
+    augment_views: int | None = None
     checkpoint_dir: str | PathLike[str] | None = None
     restore_best: bool = False
     raise_on_interrupt: bool = False
@@ -50,9 +53,16 @@ class FitOptions:
 
 def _choose_executor(options: FitOptions) -> Executor:
     if options.cache is False:
+        if options.augment_views is not None:
+            raise ConfigError(
+                f"augment_views={options.augment_views!r} needs the feature cache, but "
+                "cache=False. Use cache='auto' or cache=True, or drop augment_views."
+            )
         return plain_executor
     if options.cache is True or options.cache == "auto":
-        return make_cached_executor(True if options.cache is True else "auto", options.cache_memory)
+        return make_cached_executor(
+            True if options.cache is True else "auto", options.cache_memory, options.augment_views
+        )
     raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
 
 
@@ -94,6 +104,7 @@ def run_fit(
         phases=[(options.phase, epochs)],
         cached=outcome.cached,
         cache_layer=outcome.cache_layer,
+        augment_views=outcome.augment_views,
         interrupted=guarded.interrupted,
         diverged=guarded.diverged,
     )

@@ -109,6 +109,9 @@ class FitGuard(keras.callbacks.Callback):  # type: ignore[misc]
     """
 
     async_safe = True
+    # The feature cache may run many steps per call: the loss its batch hook then sees is the
+    # epoch's running mean, non-finite as soon as one step's loss was.
+    checks_per_execution = True
 
     def __init__(
         self,

@@ -112,6 +112,7 @@ def join_results(model: keras.Model, results: Sequence[FitResult]) -> FitResult:
         phases=[phase for r in results for phase in r.phases],
         cached=bool(cached),
         cache_layer=cached[0].cache_layer if cached else None,
+        augment_views=next((r.augment_views for r in cached if r.augment_views), None),
         interrupted=any(r.interrupted for r in results),
         diverged=any(r.diverged for r in results),
         **extras,
