@@ -39,7 +39,7 @@ JAX_TESTS := tests/test_cache.py tests/test_lr_finder.py tests/test_recipes_phas
 	tests/test_cli.py
 
 unit: $(VENV)/.stamp-dev
-	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q --durations=25
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q $(JAX_TESTS)
 
 unit-jax-all: $(VENV)/.stamp-dev

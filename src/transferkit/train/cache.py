@@ -850,16 +850,20 @@ class _BatchBridge(_Bridge):
         self._forward_stop()
 
 
-def _steps_per_execution(config: dict[str, Any], steps: int, callbacks: Sequence[Any]) -> int:
+def _steps_per_execution(
+    config: dict[str, Any], steps: int, callbacks: Sequence[Any], *, distributed: bool
+) -> int:
     """How many steps the suffix runs per call into the compiled graph.
 
     The cached features need no per-step work from the host, so an epoch is one call (one host
-    round-trip instead of one per batch) unless the user compiled with their own value or a
-    callback needs to see every batch. Each step is the same train step either way, so the
+    round-trip instead of one per batch) unless the user compiled with their own value, a
+    callback needs to see every batch, or a `tf.distribute` strategy runs the fit: Keras 3.15.1's
+    multi-step loop under MirroredStrategy fails with "You must feed a value for placeholder
+    tensor 'while/cond/Placeholder'". Each step is the same train step either way, so the
     weights are those of one step per call.
     """
     asked = int(config.get("steps_per_execution", 1) or 1)
-    if asked != 1 or any(_needs_every_batch(cb) for cb in callbacks):
+    if asked != 1 or distributed or any(_needs_every_batch(cb) for cb in callbacks):
         return asked
     return max(1, steps)
 
@@ -1284,7 +1288,9 @@ def _train_suffix(
         else:
             kw["validation_data"] = (val.model_x(), val.y, val.sample_weight)
             kw["validation_batch_size"] = vbs
-    suffix.steps_per_execution = _steps_per_execution(config, steps, callbacks)
+    suffix.steps_per_execution = _steps_per_execution(
+        config, steps, callbacks, distributed=tf.distribute.has_strategy()
+    )
     history = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.History)), None)
     extra: list[Any] = []
     if history is None:
