@@ -3,6 +3,7 @@ keras-hub backbones (built from config, random weights), models with several out
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import keras
@@ -69,7 +70,8 @@ def fit_moves_the_head(tuner: FineTuner, x: Any, y: np.ndarray) -> None:
 def test_applications_bases_keep_every_layer(build: Any, last: str) -> None:
     base = build()
     cut = default_cut(base)
-    assert cut.name == last and cut.removed == ()
+    # Auto-named layers take a process-wide counter suffix (`_1`) when tests ran before.
+    assert re.sub(r"_\d+$", "", cut.name) == last and cut.removed == ()
     lost, new = dropped(base)
     assert lost == set()
     # The head reads the base's own output: the residual sum and the last BN/ReLU stay.
@@ -99,11 +101,11 @@ def test_mobilenetv3_loses_exactly_its_conv_classifier() -> None:
         input_shape=IMAGE, weights=None, minimalistic=True, alpha=0.75
     )
     cut = default_cut(model)
-    assert cut.name == "dropout"
+    assert re.sub(r"_\d+$", "", cut.name) == "dropout"  # auto-named: a counter suffix may follow
     assert [layer.name for layer in cut.removed] == ["predictions", "flatten", "logits"]
     lost, new = dropped(model)
     assert lost == {"logits", "flatten", "predictions"}
-    assert new.get_layer("dropout").output.shape == (None, 1, 1, 1024)
+    assert new.get_layer(cut.name).output.shape == (None, 1, 1, 1024)
     assert [layer.name for layer in head_layers(model, None)] == [
         "logits",
         "flatten",
