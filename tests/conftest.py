@@ -21,8 +21,29 @@ import keras
 import numpy as np
 import pytest
 
+# Files whose tests take the longest (subprocesses, notebooks, keras-hub models), slowest first:
+# `pytest -n 2` starts them first so that the two workers finish together instead of one idling
+# while the other runs a two-minute notebook at the end. `make test` prints the slowest tests.
+SLOW_FIRST = (
+    "tests/test_notebooks.py",
+    "tests/test_faults.py",
+    "tests/test_docs_examples.py",
+    "tests/test_distribute.py",
+    "tests/test_keras2_tfk221.py",
+    "tests/test_hub.py",
+    "tests/test_cli.py",
+    "tests/test_security.py",
+    "tests/test_loading.py",
+)
+
+
+def _slow_rank(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_slow_rank)  # stable: the order inside a file is kept
     # KERAS_BACKEND is read by Keras at import: `KERAS_BACKEND=jax pytest` runs the suite on JAX.
     backend = keras.backend.backend()
     if backend == "tensorflow":
