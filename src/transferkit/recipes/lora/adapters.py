@@ -33,6 +33,7 @@ from transferkit.recipes.lora.paths import layer_paths, variable_keys
 
 __all__ = ["load_adapters", "read_adapters", "save_adapters"]
 
+# Keras' names of the A and B variables (see `adapter_variables`), as the keys end.
 _ADAPTER_SUFFIXES = (
     "/lora_kernel_a",
     "/lora_kernel_b",

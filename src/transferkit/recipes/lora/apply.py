@@ -34,6 +34,7 @@ __all__ = [
     "unsupported_reason",
 ]
 
+# The layer classes Keras 3.15 implements `enable_lora` on (subclasses included).
 SUPPORTED: tuple[type[keras.layers.Layer], ...] = (
     keras.layers.Dense,
     keras.layers.EinsumDense,
@@ -129,6 +130,8 @@ def _cannot(layer: keras.layers.Layer) -> str | None:
 
 
 def unsupported_reason(layer: keras.layers.Layer) -> str | None:
+    """Why LoRA cannot go on `layer` (its class, a kernel constraint, LoRA already on it, not
+    built, GPTQ), worded for a message; None when it can."""
     if not isinstance(layer, SUPPORTED):
         return _no_lora_class(layer)
     return _cannot(layer)

@@ -33,6 +33,8 @@ class Node:
 
 
 def sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers directly below `layer`: a container's graph layers, a custom layer's tracked
+    sublayers; input layers left out."""
     # Private API (checked on Keras 3.15.1): `_layers` lists the sublayers a layer tracks as
     # attributes, in assignment order, which is the same for every instance built from the same
     # config. For a container it is its graph layers (`Model.layers`).
@@ -91,6 +93,8 @@ def layer_paths(model: keras.Model) -> dict[str, keras.layers.Layer]:
 
 
 def own_weights(layer: keras.layers.Layer) -> list[keras.Variable]:
+    """The variables `layer` made itself, without those of its sublayers (a class token, a
+    layer scale, a kernel)."""
     # `layer.weights` includes every sublayer's; a variable belongs to the layer that made it.
     inner = {id(w) for child in sublayers(layer) for w in child.weights}
     return [w for w in layer.weights if id(w) not in inner]
