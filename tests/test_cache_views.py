@@ -92,7 +92,7 @@ def test_views_train_like_plain_augmented_fit(pretrained: Pretrained, digits: Di
     p, v = np.array(plain.history["loss"]), np.array(views.history["loss"])
     assert p[-1] < 0.7 * p[0] and v[-1] < 0.7 * v[0]
     assert np.all(np.abs(p - v) <= 0.2 * p + 0.05), (p, v)
-    args = views.extras["provenance"]["fit_arguments"]
+    args = views.provenance["fit_arguments"]
     assert args["augment_views"] == 2
 
 

@@ -85,7 +85,7 @@ def test_policy_is_checked_reversible_and_recorded(data: tuple[np.ndarray, np.nd
     assert layer_blocker(layer) is None  # the identity while frozen: cacheable
     tuner.compile_sgd(lr=0.01, loss="mse")
     result = tuner.fit(*data, epochs=1, verbose=0)
-    assert result.extras["provenance"]["fit_arguments"]["dropout"] == "frozen"
+    assert result.provenance["fit_arguments"]["dropout"] == "frozen"
     assert tuner.dropout == "frozen"
     apply_dropout_policy(tuner.model, "train")
     assert not runs_in_inference(layer) and "call" not in vars(layer)

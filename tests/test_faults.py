@@ -163,7 +163,7 @@ ONEDNN_CHILD = textwrap.dedent(
     ys = rng.integers(0, 3, 32)
     result = (FineTuner(path).freeze_until("shortcut").replace_head(num_classes=3, pool="avg")
               .compile_sgd(lr=0.01).fit(xs, ys, epochs=2, batch_size=8, verbose=0))
-    assert "shortcut" not in result.extras["provenance"]["frozen_layers"]
+    assert "shortcut" not in result.provenance["frozen_layers"]
     print("finished", result.epochs, os.environ.get("TF_ENABLE_ONEDNN_OPTS"))
     """
 )

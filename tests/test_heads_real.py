@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import hub_models
 import keras
 import keras_hub
 import numpy as np
@@ -188,21 +189,8 @@ def test_a_classifier_on_the_input_leaves_nothing() -> None:
 # ----------------------------------------------------------------------------- keras-hub
 
 
-def hub_resnet() -> keras.Model:
-    return keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64, 8],
-        stackwise_num_blocks=[1, 1],
-        stackwise_num_strides=[1, 2],
-        block_type="basic_block",
-        use_pre_activation=False,
-        image_shape=IMAGE,
-    )
-
-
 def test_hub_resnet_backbone_keeps_every_layer_and_trains_a_head() -> None:
-    backbone = hub_resnet()
+    backbone = hub_models.resnet()
     assert default_cut(backbone).removed == ()
     lost, new = dropped(backbone)
     assert lost == set()
@@ -215,7 +203,7 @@ def test_hub_resnet_backbone_keeps_every_layer_and_trains_a_head() -> None:
 
 
 def test_hub_tasks_lose_their_classifier_dense_only() -> None:
-    image_task = keras_hub.models.ImageClassifier(backbone=hub_resnet(), num_classes=4)
+    image_task = keras_hub.models.ImageClassifier(backbone=hub_models.resnet(), num_classes=4)
     cut = default_cut(image_task)
     assert cut.name == "output_dropout" and [layer.name for layer in cut.removed] == ["predictions"]
     assert dropped(image_task)[0] == {"predictions"}
@@ -227,16 +215,11 @@ def test_hub_tasks_lose_their_classifier_dense_only() -> None:
 
 
 def test_hub_dinov2_head_goes_on_the_final_norm() -> None:
-    dino = keras_hub.models.DINOV2Backbone(
+    dino = hub_models.dinov2(
         patch_size=14,
         num_layers=1,
-        hidden_dim=16,
-        num_heads=2,
-        intermediate_dim=32,
-        layer_scale_init_value=1.0,
-        num_register_tokens=0,
-        use_swiglu_ffn=False,
         image_shape=(28, 28, 3),
+        position_embedding_shape=(518, 518, 3),  # keras-hub's default
     )
     model, spec = build_head(dino, num_classes=3, hidden=(), pool="avg")
     assert spec.cut_layer == "layernorm" and model.output_shape == (None, 3)
@@ -254,15 +237,7 @@ def test_hub_dinov2_head_goes_on_the_final_norm() -> None:
 
 def tiny_bert() -> keras.Model:
     # dropout=0.0: its Dropout layers draw nothing, so the frozen encoder can be cached.
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-        dropout=0.0,
-    )
+    return hub_models.bert(num_layers=1, max_sequence_length=16, dropout=0.0)
 
 
 def test_bert_lists_its_outputs_and_takes_an_output_name() -> None:

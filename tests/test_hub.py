@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hub_models
 import keras
 import numpy as np
 import pytest
@@ -28,56 +29,13 @@ from transferkit import FineTuner  # noqa: E402
 from transferkit.model.layers import resolve  # noqa: E402
 
 N = 16
-SEQ = 12
-VOCAB = 50
-
-
-def _resnet() -> keras.Model:
-    # ResNetBackbone insists on 64 filters in the first stack.
-    return keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64, 8],
-        stackwise_num_blocks=[1, 1],
-        stackwise_num_strides=[1, 2],
-        block_type="basic_block",
-        use_pre_activation=False,
-        image_shape=(32, 32, 3),
-    )
-
-
-def _vit() -> keras.Model:
-    return keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
-    )
-
-
-def _dinov2() -> keras.Model:
-    return keras_hub.models.DINOV2Backbone(
-        patch_size=8,
-        num_layers=2,
-        hidden_dim=16,
-        num_heads=2,
-        intermediate_dim=32,
-        image_shape=(32, 32, 3),
-        position_embedding_shape=(32, 32),
-    )
-
-
-def _bert() -> keras.Model:
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=SEQ,
-    )
+SEQ = hub_models.SEQ
+VOCAB = hub_models.VOCAB
 
 
 def _classifier() -> keras.Model:
     return keras_hub.models.ResNetImageClassifier(
-        backbone=_resnet(), num_classes=4, preprocessor=None
+        backbone=hub_models.resnet(), num_classes=4, preprocessor=None
     )
 
 
@@ -122,9 +80,11 @@ class Case:
 
 
 CASES = {
-    "resnet": Case(_resnet, _images, "stack1_block0_1_conv", "conv1_conv", None, True, "conv"),
+    "resnet": Case(
+        hub_models.resnet, _images, "stack1_block0_1_conv", "conv1_conv", None, True, "conv"
+    ),
     "vit": Case(
-        _vit,
+        hub_models.vit,
         _images,
         "vit_encoder",
         "vit_patching_and_embedding",
@@ -134,7 +94,7 @@ CASES = {
     ),
     # DINOv2's embeddings hold a Dropout(rate=0.0), which counts as deterministic.
     "dinov2": Case(
-        _dinov2,
+        hub_models.dinov2,
         _images,
         "encoder",
         "embeddings",
@@ -145,7 +105,7 @@ CASES = {
     # BERT takes sequences of any length: the cut tensor's sequence axis is None in the graph,
     # fixed in the data, and cached at the data's shape.
     "bert": Case(
-        _bert,
+        hub_models.bert,
         _tokens,
         "transformer_layer_1",
         "token_embedding",
@@ -228,7 +188,7 @@ def test_chain(name: str, tmp_path: Path) -> None:
 
 
 def test_vit_copies_by_its_config_where_clone_model_fails() -> None:
-    vit = _vit()
+    vit = hub_models.vit()
     with pytest.raises(Exception, match="ViTPatchingAndEmbedding"):
         keras.models.clone_model(vit)
     tuner = FineTuner(vit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import hub_models
 import keras
 import numpy as np
 import pytest
@@ -68,37 +69,16 @@ def _optimizer_ids(model: keras.Model) -> set[int]:
     return {id(v) for v in model.optimizer._trainable_variables}
 
 
-def _vit() -> keras.Model:
-    keras_hub = pytest.importorskip("keras_hub")
-    # keras-hub numbers ViT's blocks from 1: transformer_block_1, transformer_block_2.
-    return keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
-    )
-
-
-def _dinov2() -> keras.Model:
-    keras_hub = pytest.importorskip("keras_hub")
-    return keras_hub.models.DINOV2Backbone(
-        patch_size=8,
-        num_layers=2,
-        hidden_dim=16,
-        num_heads=2,
-        intermediate_dim=32,
-        image_shape=(32, 32, 3),
-        position_embedding_shape=(32, 32),
-    )
-
-
 # (builder, block to freeze until, the block before it, the embedding, the final norm)
 HUB = {
     "vit": (
-        _vit,
+        hub_models.vit,
         "transformer_block_2",
         "transformer_block_1",
         "vit_patching_and_embedding",
         "vit_encoder/ln",
     ),
-    "dinov2": (_dinov2, "layers_1", "layers_0", "embeddings", "layernorm"),
+    "dinov2": (hub_models.dinov2, "layers_1", "layers_0", "embeddings", "layernorm"),
 }
 
 
@@ -139,7 +119,7 @@ def test_freeze_until_a_block_inside_an_encoder_trains_from_that_block_on(name: 
 
 
 def test_freeze_and_unfreeze_a_block_inside_an_encoder() -> None:
-    tuner = FineTuner(_vit())
+    tuner = FineTuner(hub_models.vit())
     work = tuner.model
     everything = {id(v) for v in work.trainable_variables}
     first, second = resolve(work, "transformer_block_1"), resolve(work, "transformer_block_2")
@@ -168,8 +148,8 @@ def _ids(layer: keras.layers.Layer) -> set[int]:
 @pytest.mark.parametrize(
     ("build", "wrong", "listed"),
     [
-        (_vit, "transformer_block_9", "'transformer_block_1'"),
-        (_dinov2, "layers_7", "'layers_0'"),
+        (hub_models.vit, "transformer_block_9", "'transformer_block_1'"),
+        (hub_models.dinov2, "layers_7", "'layers_0'"),
     ],
 )
 def test_a_wrong_block_name_lists_the_nested_blocks(build: Any, wrong: str, listed: str) -> None:
@@ -181,7 +161,7 @@ def test_a_wrong_block_name_lists_the_nested_blocks(build: Any, wrong: str, list
 
 
 def test_a_name_shared_by_blocks_is_ambiguous_and_shows_their_paths() -> None:
-    tuner = FineTuner(_vit())
+    tuner = FineTuner(hub_models.vit())
     with pytest.raises(LayerNotFoundError, match=r"ambiguous.*transformer_block_2/ln_1"):
         tuner.freeze_until("ln_1")
     tuner.freeze_until("transformer_block_2/ln_1")

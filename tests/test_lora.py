@@ -11,7 +11,7 @@ import pytest
 from conftest import Pretrained
 
 from transferkit import AdapterMismatchError, ConfigError, FineTuner
-from transferkit.recipes.lora import layer_paths, variable_keys
+from transferkit.recipes.lora.paths import layer_paths, variable_keys
 
 FewShot = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

@@ -205,10 +205,9 @@ def _check_out(path: str) -> None:
     out = Path(path)
     if out.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise _UsageError(f"transferkit fit: error: --out {path!r} must end in .keras or .h5")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
+    if not out.parent.is_dir():
         raise _UsageError(
-            f"transferkit fit: error: --out {path!r}: directory {str(parent)!r} does not exist"
+            f"transferkit fit: error: --out {path!r}: directory {str(out.parent)!r} does not exist"
         )
 
 

@@ -50,9 +50,13 @@ from transferkit.model.loading import (
     wrap_whole,
 )
 from transferkit.recipes import batchnorm as _batchnorm
-from transferkit.recipes import lora as _lora
-from transferkit.recipes.lr_finder import LRFinder, run_lr_finder
-from transferkit.results.provenance import file_sha256, fit_context
+from transferkit.recipes.lora.adapters import load_adapters as _load_adapters
+from transferkit.recipes.lora.apply import check_flags_editable
+from transferkit.recipes.lora.apply import enable as _enable_lora
+from transferkit.recipes.lora.config import LoraConfig
+from transferkit.recipes.lora.paths import layer_paths
+from transferkit.recipes.lr_finder import LRFinder, check_sweep, run_lr_finder
+from transferkit.results.provenance import FitContext, file_sha256, fit_context
 from transferkit.results.result import FitResult
 from transferkit.results.summary import (
     count_params,
@@ -156,7 +160,7 @@ class FineTuner:
             self._model: keras.Model = to_functional(working)
         self._head: HeadSpec | None = None
         self._compile = CompileState()
-        self._lora: _lora.LoraConfig | None = None
+        self._lora: LoraConfig | None = None
         apply_flags(self._model, {}, batchnorm=self._batchnorm)
         apply_dropout_policy(self._model, self._dropout)
 
@@ -251,7 +255,7 @@ class FineTuner:
             LayerNotFoundError: no such layer; the message names the closest ones.
             ConfigError: LoRA is enabled (see `lora`).
         """
-        _lora.check_flags_editable(self._model, "freeze_until()")
+        check_flags_editable(self._model, "freeze_until()")
         apply_flags(self._model, freeze_until_plan(self._model, ref), batchnorm=self._batchnorm)
         return self
 
@@ -266,7 +270,7 @@ class FineTuner:
             LayerNotFoundError: a selector matches no layer.
             ConfigError: LoRA is enabled (see `lora`).
         """
-        _lora.check_flags_editable(self._model, "freeze()")
+        check_flags_editable(self._model, "freeze()")
         plan = set_trainable_plan(select(self._model, selectors), False)
         apply_flags(self._model, plan, batchnorm=self._batchnorm)
         return self
@@ -280,7 +284,7 @@ class FineTuner:
             LayerNotFoundError: a selector matches no layer.
             ConfigError: LoRA is enabled (see `lora`).
         """
-        _lora.check_flags_editable(self._model, "unfreeze()")
+        check_flags_editable(self._model, "unfreeze()")
         plan = set_trainable_plan(select(self._model, selectors), True)
         apply_flags(self._model, plan, batchnorm=self._batchnorm)
         return self
@@ -628,11 +632,11 @@ class FineTuner:
         # Executors (the cache's head model, checkpoint callbacks) may create variables.
         with self._scope():
             result = run_fit(model, x, y, fit_kwargs, options)
-        result.extras["provenance"] = self._provenance_context(
+        result.provenance = self._provenance_context(
             {**vars(options), "dropout": self._dropout, **fit_kwargs}
         )
         if self._lora is not None:
-            result.extras["lora"] = self._lora_config()
+            result.lora = self._lora_config()
         return result
 
     def fine_tune(
@@ -694,7 +698,7 @@ class FineTuner:
         result.phases   # [("head", 2), ("full", 8)]
         ```
         """
-        _lora.check_flags_editable(self._model, "fine_tune()")
+        check_flags_editable(self._model, "fine_tune()")
         if self._compile.spec is None:
             raise NotCompiledError(
                 "fine_tune reuses the compiled optimizer configuration: call "
@@ -733,7 +737,7 @@ class FineTuner:
             # The next `fit` recompiles at the compiled learning rate.
             self._compile.invalidate()
         joined = join_results(self._model, results)
-        joined.extras["provenance"] = self._provenance_context(
+        joined.provenance = self._provenance_context(
             {
                 "recipe": "fine_tune",
                 "dropout": self._dropout,
@@ -758,7 +762,7 @@ class FineTuner:
         options = FitOptions(**{k: kwargs.pop(k) for k in own if k in kwargs}, phase=name)
         return self._fit(x, y, options, kwargs, lr_scale=lr_scale)
 
-    def _provenance_context(self, fit_arguments: Mapping[str, Any]) -> dict[str, Any]:
+    def _provenance_context(self, fit_arguments: Mapping[str, Any]) -> FitContext:
         """What `FitResult.save` records beside the model about this FineTuner's run."""
         spec = self._compile.spec
         return fit_context(
@@ -819,8 +823,6 @@ class FineTuner:
                 "find_lr needs a compiled FineTuner (its optimizer configuration is reused): "
                 "call .compile_sgd(lr=...) or .compile(optimizer) first."
             )
-        from transferkit.recipes.lr_finder import check_sweep
-
         check_sweep(start_lr, end_lr, steps, batch_size)
         one_hot = spec.loss_inferred and self._one_hot_labels(y)
         loss, _ = self._resolved_loss(spec, one_hot)
@@ -899,7 +901,7 @@ class FineTuner:
             targets = [targets]
         head = self._head.layer_names if self._head else ()
         with self._scope():  # enable_lora creates the adapter variables
-            self._lora = _lora.enable(
+            self._lora = _enable_lora(
                 self._model,
                 rank=rank,
                 alpha=alpha,
@@ -927,7 +929,7 @@ class FineTuner:
         """
         head = self._head.layer_names if self._head else ()
         with self._scope():
-            self._lora = _lora.load_adapters(
+            self._lora = _load_adapters(
                 self._model,
                 path,
                 current=self._lora,
@@ -938,15 +940,15 @@ class FineTuner:
         self._compile.invalidate()
         return self
 
-    def _lora_config(self) -> _lora.LoraConfig:
+    def _lora_config(self) -> LoraConfig:
         assert self._lora is not None
         head = self._head.layer_names if self._head else ()
         spec = self._head.to_dict() if self._head else None
-        return _lora.LoraConfig(
+        return LoraConfig(
             rank=self._lora.rank,
             alpha=self._lora.alpha,
             # A later replace_head(at=...) may have cut some adapted layers away.
-            targets=tuple(t for t in self._lora.targets if t in _lora.layer_paths(self._model)),
+            targets=tuple(t for t in self._lora.targets if t in layer_paths(self._model)),
             head=tuple(head),
             head_spec=spec,
         )

@@ -79,8 +79,7 @@ def digest_file(fh: IO[bytes]) -> Written:
     return Written(h.hexdigest(), size)
 
 
-def fsync_file(path: Path) -> None:
-    """Flushes a file written by someone else (Keras, h5py) to disk."""
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,14 +87,15 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flushes a file written by someone else (Keras, h5py) to disk."""
+    _fsync(path)
+
+
 def fsync_dir(directory: Path) -> None:
     """Makes a rename in `directory` durable; a platform that cannot open directories skips it."""
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(directory)
 
 
 def os_reason(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import keras
 import numpy as np
@@ -27,6 +27,7 @@ from transferkit.model.layers import leaf_layers, unit_trainable, unit_weights
 
 __all__ = [
     "PROVENANCE_SUFFIX",
+    "FitContext",
     "describe_value",
     "file_sha256",
     "fit_context",
@@ -38,6 +39,26 @@ __all__ = [
 ]
 
 PROVENANCE_SUFFIX = ".transferkit.json"
+
+
+class FitContext(TypedDict):
+    """What a FineTuner knows about a fit, as the provenance record holds it (`fit_context`).
+
+    Attributes:
+        base_model: `{"path": ..., "sha256": ...}` of the file the base model came from (both
+            None for a model object).
+        frozen_layers: the names of the leaf layers with weights that did not train.
+        head: `HeadSpec.to_dict()`, or None when the output was kept.
+        optimizer: the optimizer's configuration, described by `describe_value`.
+        fit_arguments: the arguments of the fit, described by `describe_value` (data by its
+            shape, dtype and SHA-256, never stored).
+    """
+
+    base_model: dict[str, str | None]
+    frozen_layers: list[str]
+    head: dict[str, Any] | None
+    optimizer: Any
+    fit_arguments: Any
 
 
 def provenance_path(path: str | os.PathLike[str]) -> Path:
@@ -113,7 +134,7 @@ def fit_context(
     head: Mapping[str, Any] | None,
     optimizer_config: Mapping[str, Any] | None,
     fit_arguments: Mapping[str, Any],
-) -> dict[str, Any]:
+) -> FitContext:
     """What a FineTuner knows about a fit, for the provenance record.
 
     Args:
@@ -123,6 +144,9 @@ def fit_context(
         head: `HeadSpec.to_dict()` or None when the output was kept.
         optimizer_config: the optimizer's `get_config()`.
         fit_arguments: the arguments of the fit (data is described, not stored).
+
+    Returns:
+        The context `FitResult.save` writes into the record.
     """
     frozen = [
         layer.name

@@ -14,6 +14,11 @@ import numpy as np
 
 from transferkit._utils.files import fsync_dir, fsync_file, is_no_space, os_reason
 from transferkit.errors import ConfigError, SaveError
+from transferkit.recipes.lora.adapters import save_adapters
+from transferkit.recipes.lora.apply import has_lora
+from transferkit.recipes.lora.config import LoraConfig
+from transferkit.recipes.lora.merge import merged_copy
+from transferkit.results.provenance import FitContext, provenance_path, provenance_text
 
 __all__ = ["FitResult", "atomic_save_model", "best_of"]
 
@@ -43,10 +48,9 @@ def _save_target(path: str | os.PathLike[str]) -> Path:
         raise ConfigError(
             f"cannot save to {str(target)!r}: the file name must end in .keras or .h5."
         )
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
+    if not target.parent.is_dir():
         raise SaveError(
-            f"cannot save to {str(target)!r}: directory {str(directory)!r} does not exist."
+            f"cannot save to {str(target)!r}: directory {str(target.parent)!r} does not exist."
         )
     if target.is_dir():
         raise SaveError(f"cannot save to {str(target)!r}: it is a directory.")
@@ -64,10 +68,9 @@ def _save_failed(target: Path, exc: BaseException) -> SaveError:
 def _stage_model(model: keras.Model, target: Path) -> Path:
     """Saves `model` to a temporary file beside `target`, flushed to disk; removed on failure."""
     suffix = target.suffix.lower()
-    directory = target.parent if str(target.parent) else Path(".")
     try:
         # Keras checks the suffix of the name it writes to.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     except OSError as exc:
         raise _save_failed(target, exc) from exc
     os.close(fd)
@@ -151,6 +154,11 @@ class FitResult:
             K: epoch `e` saw the prefix's augmentation of pass `e mod K`. None otherwise.
         interrupted: the fit stopped on a KeyboardInterrupt.
         diverged: the fit stopped on a NaN or infinite loss (weights rolled back).
+        provenance: what `save` records beside the model about the run (base model, frozen
+            layers, head, optimizer, fit arguments); None for a result no FineTuner made,
+            whose record then holds only the outcome and the versions.
+        lora: the LoRA configuration of the fit (what `save_adapters` writes), None without
+            `FineTuner.lora`.
     """
 
     model: keras.Model
@@ -169,7 +177,8 @@ class FitResult:
     augment_views: int | None = None
     interrupted: bool = False
     diverged: bool = False
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+    provenance: FitContext | None = field(default=None, repr=False)
+    lora: LoraConfig | None = field(default=None, repr=False)
 
     @classmethod
     def from_history(
@@ -186,7 +195,8 @@ class FitResult:
         augment_views: int | None = None,
         interrupted: bool = False,
         diverged: bool = False,
-        **extras: Any,
+        provenance: FitContext | None = None,
+        lora: LoraConfig | None = None,
     ) -> FitResult:
         """Builds a result from a joined Keras history dictionary."""
         clean = {k: [float(v) for v in vals] for k, vals in history.items()}
@@ -211,7 +221,8 @@ class FitResult:
             augment_views=augment_views,
             interrupted=interrupted,
             diverged=diverged,
-            extras=dict(extras),
+            provenance=provenance,
+            lora=lora,
         )
 
     def evaluate(self, x: Any, y: Any = None, **kwargs: Any) -> dict[str, float]:
@@ -241,9 +252,6 @@ class FitResult:
                 operating system's error, "No space left on device" on a full disk); an existing
                 file at `path` and its record are kept, and no temporary file is left.
         """
-        from transferkit.recipes.lora import has_lora, merged_copy
-        from transferkit.results.provenance import provenance_path, provenance_text
-
         # A LoRA model saves as a plain one with the adapters merged (Keras cannot reload an
         # .h5 of a LoRA model; a .keras one reloads with zeroed adapters). The live model keeps
         # its adapters.
@@ -264,9 +272,7 @@ class FitResult:
         tmp = _stage_model(model, target)
         record = provenance_path(target)
         try:
-            text = provenance_text(
-                tmp, self.extras.get("provenance", {}), outcome, name=target.name
-            )
+            text = provenance_text(tmp, self.provenance or {}, outcome, name=target.name)
             tmp_record = _stage_bytes(record, text.encode("utf-8"))
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
@@ -289,9 +295,7 @@ class FitResult:
             ConfigError: the fit did not use LoRA, or `path` does not end in `.npz`.
             SaveError: the file could not be written.
         """
-        from transferkit.recipes.lora import save_adapters
-
-        config = self.extras.get("lora")
+        config = self.lora
         if config is None:
             raise ConfigError(
                 "this result has no LoRA adapters: call FineTuner.lora(...) before fit()."

@@ -13,7 +13,7 @@ import numpy as np
 
 from transferkit.model.graph import is_container
 from transferkit.model.layers import is_split, sublayers
-from transferkit.recipes.lora import lora_rank
+from transferkit.recipes.lora.apply import lora_rank
 
 __all__ = [
     "LayerRow",

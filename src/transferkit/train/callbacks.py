@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import keras
 
-from transferkit._utils.checks import check_positive_number
+from transferkit._utils.checks import check_int, check_positive_number
 from transferkit.compile.lr_groups import scaled_optimizer
 from transferkit.compile.spec import CompileSpec, make_optimizer
 from transferkit.errors import ConfigError
@@ -30,7 +30,7 @@ from transferkit.model.layers import (
     unit_trainable,
     unit_weights,
 )
-from transferkit.recipes.lora import check_flags_editable
+from transferkit.recipes.lora.apply import check_flags_editable
 
 __all__ = ["GradualUnfreezing", "TunerLike", "UnfreezeAt", "bind_callbacks"]
 
@@ -158,12 +158,6 @@ def _install(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
 # -------------------------------------------------------------------------------- callbacks
 
 
-def _check_positive_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
 class _UnfreezeCallback(keras.callbacks.Callback):  # type: ignore[misc]
     """Shared machinery: binding, BatchNorm policy, switching flags and optimizer mid-fit."""
 
@@ -278,8 +272,8 @@ class GradualUnfreezing(_UnfreezeCallback):
         self, every: int = 1, step: int = 1, *, batchnorm: BatchNormPolicy | None = None
     ) -> None:
         super().__init__(batchnorm)
-        self.every = _check_positive_int(every, "every", 1)
-        self.step = _check_positive_int(step, "step", 1)
+        self.every = check_int(every, "every", minimum=1)
+        self.step = check_int(step, "step", minimum=1)
         self.unfrozen: list[tuple[int, list[str]]] = []
         self._steps_done = 0
 
@@ -359,7 +353,7 @@ class UnfreezeAt(_UnfreezeCallback):
         batchnorm: BatchNormPolicy | None = None,
     ) -> None:
         super().__init__(batchnorm)
-        self.epoch = _check_positive_int(epoch, "epoch", 0)
+        self.epoch = check_int(epoch, "epoch", minimum=0)
         self.ref = ref
         self.lr_factor = check_positive_number(lr_factor, "lr_factor")
         self.switched_at: int | None = None

@@ -98,9 +98,6 @@ def join_results(model: keras.Model, results: Sequence[FitResult]) -> FitResult:
         for key in keys:
             values = result.history.get(key)
             joined[key].extend(values if values is not None else [math.nan] * result.epochs)
-    extras: dict[str, object] = {}
-    for result in results:
-        extras.update(result.extras)
     last = results[-1]
     cached = [r for r in results if r.cached]
     return FitResult.from_history(
@@ -115,5 +112,7 @@ def join_results(model: keras.Model, results: Sequence[FitResult]) -> FitResult:
         augment_views=next((r.augment_views for r in cached if r.augment_views), None),
         interrupted=any(r.interrupted for r in results),
         diverged=any(r.diverged for r in results),
-        **extras,
+        # The latest phase's, as each phase records the same FineTuner.
+        provenance=next((r.provenance for r in reversed(results) if r.provenance), None),
+        lora=next((r.lora for r in reversed(results) if r.lora), None),
     )
