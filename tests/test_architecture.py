@@ -91,6 +91,7 @@ LAYERS: Layers = (
                 "transferkit.train.checkpoints",
                 "transferkit.train.distribution",
                 "transferkit.train.executor",
+                "transferkit.train.sharding",
             ),
             (
                 "transferkit.train.cache",
@@ -441,17 +442,27 @@ def test_every_public_name_resolves_from_its_declared_home() -> None:
 
 
 @pytest.mark.parametrize(
-    ("public", "home"),
+    ("public", "homes"),
     [
-        ("transferkit.callbacks", "transferkit.train.callbacks"),
-        ("transferkit.distribution", "transferkit.train.distribution"),
+        ("transferkit.callbacks", ("transferkit.train.callbacks",)),
+        (
+            "transferkit.distribution",
+            ("transferkit.train.distribution", "transferkit.train.sharding"),
+        ),
     ],
 )
-def test_documented_modules_reexport_every_public_name(public: str, home: str) -> None:
-    old, new = importlib.import_module(public), importlib.import_module(home)
-    assert sorted(old.__all__) == sorted(new.__all__)
-    for name in new.__all__:
-        assert getattr(old, name) is getattr(new, name), name
+def test_documented_modules_reexport_every_public_name(public: str, homes: tuple[str, ...]) -> None:
+    old = importlib.import_module(public)
+    found: list[str] = []
+    for home in homes:
+        new = importlib.import_module(home)
+        for name in new.__all__:
+            # A type alias (`Distribution`) is documented where it lives, not re-exported.
+            if name[0].isupper() and not isinstance(getattr(new, name), type):
+                continue
+            assert getattr(old, name) is getattr(new, name), name
+            found.append(name)
+    assert sorted(old.__all__) == sorted(found)
 
 
 # `transferkit.keras2`'s documented names, as before the split of `model/keras2.py`

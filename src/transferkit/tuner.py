@@ -77,6 +77,12 @@ from transferkit.train.phases import (
     join_results,
     leaf_flags,
 )
+from transferkit.train.sharding import (
+    Distribution,
+    distribution_scope,
+    resolve_distribution,
+    warn_unmatched_layouts,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -108,11 +114,19 @@ class FineTuner:
             and `fit` trains on its replicas (`batch_size` is the global batch, as in Keras).
             A model built outside the scope is copied into it (copy=True). None: no strategy,
             or, with copy=False, the strategy the model's variables were created under.
+            TensorFlow backend only.
+        distribution: a `keras.distribution.Distribution` (`DataParallel` over the devices,
+            `ModelParallel` with a `LayoutMap`), JAX backend only: loading, copying, the head,
+            LoRA, compiling and `fit` run under `distribution.scope()`, so variables are laid
+            out over its device mesh and batches are split along its batch axis. A model built
+            outside the scope is copied into it (copy=True). docs/scaling-out.md.
 
     Raises:
         ModelLoadError: the path cannot be loaded.
         ConfigError: invalid arguments, a model that is not built or not Functional/Sequential,
-            or copy=False with a model built outside the scope of `strategy`.
+            or copy=False with a model built outside the scope of `strategy` or
+            `distribution`; `strategy` on a backend other than TensorFlow or `distribution`
+            on one other than JAX (the message says which to use).
 
     Example:
 
@@ -135,11 +149,13 @@ class FineTuner:
         custom_objects: Mapping[str, Any] | None = None,
         safe_mode: bool = True,
         strategy: tf.distribute.Strategy | None = None,
+        distribution: Distribution | None = None,
     ) -> None:
         self._batchnorm: BatchNormPolicy = check_batchnorm_policy(batchnorm)
         self._dropout: DropoutPolicy = check_dropout_policy(dropout)
         self._source: Path | None = None
         self._source_sha256: str | None = None
+        self._distribution = resolve_distribution(distribution, model, copy=copy, strategy=strategy)
         self._strategy = resolve_strategy(strategy, model, copy=copy)
         with self._scope():
             if isinstance(model, (str, os.PathLike)):
@@ -163,6 +179,7 @@ class FineTuner:
         self._lora: LoraConfig | None = None
         apply_flags(self._model, {}, batchnorm=self._batchnorm)
         apply_dropout_policy(self._model, self._dropout)
+        warn_unmatched_layouts(self._model, self._distribution)
 
     @classmethod
     def load(
@@ -175,6 +192,7 @@ class FineTuner:
         custom_objects: Mapping[str, Any] | None = None,
         safe_mode: bool = True,
         strategy: tf.distribute.Strategy | None = None,
+        distribution: Distribution | None = None,
     ) -> Self:
         """Loads a `.keras` or `.h5` file; the same as `FineTuner(path, ...)`."""
         return cls(
@@ -185,6 +203,7 @@ class FineTuner:
             custom_objects=custom_objects,
             safe_mode=safe_mode,
             strategy=strategy,
+            distribution=distribution,
         )
 
     # ------------------------------------------------------------------ state
@@ -226,13 +245,19 @@ class FineTuner:
         """The `tf.distribute.Strategy` the working model lives in, or None."""
         return self._strategy
 
+    @property
+    def distribution(self) -> Distribution | None:
+        """The `keras.distribution.Distribution` the working model lives in (JAX), or None."""
+        return self._distribution
+
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:
         """The one hook for distribution: wrap every step that creates a model, a layer, a
         variable or an optimizer (load, copy, new head, LoRA, compile, a temporary model for
-        an LR search or a feature cache) in `with self._scope():`. A no-op without a strategy;
-        nesting is allowed. See `transferkit.train.distribution` and docs/scaling-out.md."""
-        with in_scope(self._strategy):
+        an LR search or a feature cache) in `with self._scope():`. A no-op without a strategy
+        or a distribution; nesting is allowed. See `transferkit.train.distribution`,
+        `transferkit.train.sharding` and docs/scaling-out.md."""
+        with in_scope(self._strategy), distribution_scope(self._distribution):
             yield
 
     # ---------------------------------------------------------------- freezing

@@ -52,6 +52,10 @@ class BackendModule(Protocol):
         """While `trained` fits, callbacks that read or write `shown` (which shares its
         variables: the feature cache) see and change the state `trained` trains on."""
 
+    def local_variables(self, variables: list[keras.Variable]) -> list[str]:
+        """The paths of the variables that live on a single device (not laid out over a
+        `keras.distribution` mesh); empty where the backend has no such distinction."""
+
     def loss_replicas(self) -> int:
         """Over how many replicas a Keras loss divides itself inside such a step (1 but under a
         `tf.distribute` strategy, where each replica's loss is scaled by 1 / replicas)."""

@@ -17,7 +17,13 @@ import numpy as np
 
 from transferkit.backend import ValueFn
 
-__all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
+__all__ = [
+    "forward_function",
+    "gradient_step",
+    "local_variables",
+    "loss_replicas",
+    "shared_training_state",
+]
 
 
 def _values(variables: list[Any]) -> list[Any]:
@@ -66,6 +72,16 @@ def shared_training_state(shown: keras.Model, trained: keras.Model) -> Iterator[
         yield
     finally:
         object.__delattr__(shown, "jax_state_sync")
+
+
+def local_variables(variables: list[keras.Variable]) -> list[str]:
+    """See `BackendModule.local_variables`: a variable created outside a distribution's
+    scope holds an array with a `SingleDeviceSharding`."""
+    return [
+        str(v.path)
+        for v in variables
+        if isinstance(getattr(v.value, "sharding", None), jax.sharding.SingleDeviceSharding)
+    ]
 
 
 def loss_replicas() -> int:

@@ -12,7 +12,13 @@ import torch
 
 from transferkit.backend import ValueFn
 
-__all__ = ["forward_function", "gradient_step", "loss_replicas", "shared_training_state"]
+__all__ = [
+    "forward_function",
+    "gradient_step",
+    "local_variables",
+    "loss_replicas",
+    "shared_training_state",
+]
 
 
 def forward_function(model: keras.Model, training: bool = True) -> Callable[[Any], list[Any]]:
@@ -30,6 +36,11 @@ def forward_function(model: keras.Model, training: bool = True) -> Callable[[Any
 def shared_training_state(shown: keras.Model, trained: keras.Model) -> AbstractContextManager[None]:
     """See `BackendModule.shared_training_state`: the variables are the state; nothing to do."""
     return nullcontext()
+
+
+def local_variables(variables: list[keras.Variable]) -> list[str]:
+    """See `BackendModule.local_variables`: `keras.distribution` does not run here."""
+    return []
 
 
 def loss_replicas() -> int:

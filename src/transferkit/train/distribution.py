@@ -47,15 +47,25 @@ def check_strategy(strategy: object) -> tf.distribute.Strategy | None:
         The strategy, or None.
 
     Raises:
-        ConfigError: anything else, e.g. a `keras.distribution.Distribution` (JAX/PyTorch only).
+        ConfigError: anything else, e.g. a `keras.distribution.Distribution` (that is
+            `distribution=`, on JAX), or a strategy on a backend other than TensorFlow.
     """
-    if strategy is None or isinstance(strategy, tf.distribute.Strategy):
+    if strategy is None:
+        return None
+    if isinstance(strategy, tf.distribute.Strategy):
+        if keras.backend.backend() != "tensorflow":
+            raise ConfigError(
+                f"strategy= takes a tf.distribute strategy, TensorFlow's engine, but Keras runs "
+                f"on {keras.backend.backend()!r}: on JAX pass "
+                "distribution=keras.distribution.DataParallel() (or ModelParallel) instead."
+            )
         return strategy
     hint = ""
     if isinstance(strategy, (keras.distribution.DataParallel, keras.distribution.ModelParallel)):
         hint = (
-            " keras.distribution works on the JAX and PyTorch backends only; on TensorFlow use "
-            "tf.distribute.MirroredStrategy() (several GPUs) or MultiWorkerMirroredStrategy()."
+            " A keras.distribution goes to distribution= and needs the JAX backend; on "
+            "TensorFlow use tf.distribute.MirroredStrategy() (several GPUs) or "
+            "MultiWorkerMirroredStrategy()."
         )
     raise ConfigError(
         f"strategy must be a tf.distribute.Strategy or None, got {type(strategy).__name__}.{hint}"
