@@ -108,10 +108,11 @@ def _model_reason(
 ) -> str | None:
     if not getattr(model, "compiled", False) or model.optimizer is None:
         return "the model is not compiled"
-    if getattr(model, "loss", None) is not compile_args.loss:
-        # The suffix is compiled from `compile_args`: a compile that did not go through them
-        # (`tuner.model.compile(...)` by hand) would train the suffix differently.
-        return "the model was compiled with another loss than the one the cache was given"
+    if not _compiled_with(model, compile_args):
+        return (
+            "the model was compiled outside FineTuner since its last compile there (the cache "
+            "compiles its head like that compile); compile through FineTuner.compile instead"
+        )
     strategy = getattr(model, "_distribute_strategy", None)
     if strategy is not None and not tf.distribute.has_strategy():
         return "the model was compiled under a tf.distribute strategy whose scope is not entered"
@@ -121,6 +122,18 @@ def _model_reason(
     if mode == "auto" and epochs < 2:
         return "a single epoch computes the frozen layers once anyway"
     return None
+
+
+def _compiled_with(model: keras.Model, args: CompileArgs) -> bool:
+    # The suffix is compiled from `args`: a compile that did not produce them
+    # (`tuner.model.compile(...)` by hand) would train it otherwise. Keras keeps these
+    # arguments as public attributes (the loss as passed, checked on Keras 3.15.1).
+    return bool(
+        getattr(model, "loss", None) is args.loss
+        and model.steps_per_execution == args.steps_per_execution
+        and model.run_eagerly == args.run_eagerly
+        and model.jit_compile == args.jit_compile
+    )
 
 
 def _data_reason(x: Any, y: Any, kw: dict[str, Any], mode: Mode, views: bool) -> str | None:
