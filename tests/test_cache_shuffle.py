@@ -13,7 +13,9 @@ import tensorflow as tf
 from conftest import Digits, Pretrained
 
 from transferkit import FineTuner
-from transferkit.train.cache import _batch_shuffled, _Features, dataset_shuffle
+from transferkit.train.cache.pipeline import dataset_shuffle
+from transferkit.train.cache.store import Features
+from transferkit.train.cache.suffix import _batch_shuffled
 
 
 def test_dataset_shuffle_kinds_and_problems() -> None:
@@ -39,7 +41,7 @@ def test_dataset_shuffle_kinds_and_problems() -> None:
 
 def test_batch_shuffle_keeps_the_batches() -> None:
     x = np.arange(10, dtype="float32")[:, None]
-    feats = _Features([x], np.arange(10), None)
+    feats = Features([x], np.arange(10), None)
     ds = _batch_shuffled(feats, 4)
     epochs = [[tuple(b[1].numpy()) for b in ds] for _ in range(6)]
     assert all(sorted(e) == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)] for e in epochs)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import Digits, Pretrained
 
-from transferkit import FineTuner
+from transferkit import ConfigError, FineTuner
 
 FIT = {"epochs": 3, "batch_size": 16, "verbose": 0, "shuffle": False}
 
@@ -89,13 +89,28 @@ def test_a_per_batch_callback_sees_every_batch(
 def test_a_compiled_steps_per_execution_is_kept(pretrained: Pretrained, digits: Digits) -> None:
     x, y = digits.x_new[:96], digits.y_new[:96]
     tuner = _tuner(pretrained)
+    tuner.compile_sgd(lr=0.05, steps_per_execution=2)
+    probe = _PerExecution()
+    result = tuner.fit(x, y, cache=True, callbacks=[probe], **FIT)
+    assert result.cached and probe.batches == [1, 3, 5] * 3
+
+
+def test_a_compile_by_hand_makes_the_cache_step_aside(
+    pretrained: Pretrained, digits: Digits
+) -> None:
+    # The cache compiles its head like the FineTuner's compile, which it is told; one behind
+    # the FineTuner's back is noticed, and the fit trains plainly, as that compile asks.
+    x, y = digits.x_new[:96], digits.y_new[:96]
+    tuner = _tuner(pretrained)
     tuner.compile_sgd(lr=0.05)
     tuner.model.compile(
         optimizer=tuner.model.optimizer, loss=tuner.model.loss, steps_per_execution=2
     )
+    with pytest.raises(ConfigError, match="compiled outside FineTuner"):
+        tuner.fit(x, y, cache=True, **FIT)
     probe = _PerExecution()
-    result = tuner.fit(x, y, cache=True, callbacks=[probe], **FIT)
-    assert result.cached and probe.batches == [1, 3, 5] * 3
+    result = tuner.fit(x, y, callbacks=[probe], **FIT)
+    assert not result.cached and probe.batches == [1, 3, 5] * 3
 
 
 def test_divergence_inside_an_execution_rolls_back(pretrained: Pretrained, digits: Digits) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import transferkit.train.cache as cache_module
+import transferkit.train.cache.extract as extract_module
 from transferkit import ConfigError, DataError, FineTuner
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -159,7 +159,7 @@ def test_auto_steps_aside_when_computing_features_fails(
 
         return run
 
-    monkeypatch.setattr(cache_module, "_prefix_function", broken)
+    monkeypatch.setattr(extract_module, "_prefix_function", broken)
     with pytest.warns(RuntimeWarning, match="prefix exploded"):
         result = _fit(_tuner(False), [xi, xm], y, "auto")
     assert not result.cached

@@ -194,7 +194,9 @@ def _two_phases(
         model = tuner.ensure_compiled(y)
         options = FitOptions(checkpoint_dir=ckpt, phase=phase)
         kwargs = {**FIT, "epochs": 3, "callbacks": extra}
-        results.append(run_fit(model, x, y, kwargs, options))
+        compiled = tuner._compile.compiled
+        assert compiled is not None
+        results.append(run_fit(model, x, y, kwargs, options, compile_args=compiled.args))
     return tuner, results
 
 

@@ -1,4 +1,5 @@
-"""The private helpers every layer shares: the config walker and the argument checks."""
+"""The private helpers every layer shares: the config walker, the argument checks and the batch
+iterator."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from transferkit._utils.batches import iter_batches
 from transferkit._utils.checks import (
     check_fraction,
     check_int,
@@ -89,3 +91,27 @@ def test_check_positive_number() -> None:
     for bad in (0, -1.0, float("inf"), True, None):
         with pytest.raises(ConfigError, match=r"lr must be a finite number > 0"):
             check_positive_number(bad, "lr")
+
+
+def test_iter_batches_slices_arrays_and_structures_leaf_by_leaf() -> None:
+    x = np.arange(10).reshape(5, 2)
+    got = list(iter_batches(x, 2))
+    assert [b.tolist() for b in got] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9]]]
+    assert np.shares_memory(got[0], x)  # consecutive slices are views
+    data = {"a": x, "b": (np.arange(5), np.arange(5) * 10)}
+    batches = list(iter_batches(data, 2, steps=2))
+    assert len(batches) == 2 and batches[1]["b"][1].tolist() == [20, 30]
+    assert batches[1]["a"].tolist() == [[4, 5], [6, 7]]
+    # An order gathers those rows, a subset too.
+    ordered = list(iter_batches((x, np.arange(5)), 2, order=np.array([4, 0, 2])))
+    assert [b[1].tolist() for b in ordered] == [[4, 0], [2]]
+    assert list(iter_batches(np.zeros((0, 3)), 4)) == []
+
+
+def test_iter_batches_yields_the_elements_of_anything_else() -> None:
+    elements = [np.ones(2), np.zeros(2), np.ones(3)]
+    assert len(list(iter_batches(iter(elements), 99))) == 3
+    assert len(list(iter_batches(iter(elements), 99, steps=2))) == 2
+    consumed = iter(elements)
+    assert len(list(iter_batches(consumed, 1, steps=1))) == 1
+    assert len(list(consumed)) == 2  # stopping at `steps` pulls no element more

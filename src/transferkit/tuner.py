@@ -24,7 +24,7 @@ from transferkit.compile.spec import (
     optimizer_factory,
     sgd_factory,
 )
-from transferkit.compile.state import Compiled, CompileState
+from transferkit.compile.state import CompileArgs, Compiled, CompileState
 from transferkit.data.checks import check_fit_data, is_array_like, label_rule
 from transferkit.errors import ConfigError, NotCompiledError, TransferkitError
 from transferkit.model.dropout import DropoutPolicy, apply_dropout_policy, check_dropout_policy
@@ -542,7 +542,8 @@ class FineTuner:
             optimizer = make_optimizer(scaled, self._model)
             self._model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **spec.kwargs)
             prepare_model(self._model, self._strategy)
-        compiled = Compiled(self._signature(one_hot, lr_scale), lr_scale, loss, metrics)
+        args = CompileArgs.of(loss, metrics, spec.kwargs, jit_compile=self._model.jit_compile)
+        compiled = Compiled(self._signature(one_hot, lr_scale), lr_scale, args)
         self._compile.record(spec, compiled)
 
     def _one_hot_labels(self, y: Any) -> bool:
@@ -644,6 +645,8 @@ class FineTuner:
         """`fit`, in the phase `options.phase` names, at `lr_scale` times the compiled
         learning rate."""
         model = self._ensure_compiled(y, lr_scale=lr_scale)
+        compiled = self._compile.compiled
+        assert compiled is not None  # `_ensure_compiled` leaves a current compile
         check_fit_data(
             model,
             x,
@@ -656,7 +659,7 @@ class FineTuner:
         apply_dropout_policy(model, self._dropout)
         # Executors (the cache's head model, checkpoint callbacks) may create variables.
         with self._scope():
-            result = run_fit(model, x, y, fit_kwargs, options)
+            result = run_fit(model, x, y, fit_kwargs, options, compile_args=compiled.args)
         result.provenance = self._provenance_context(
             {**vars(options), "dropout": self._dropout, **fit_kwargs}
         )

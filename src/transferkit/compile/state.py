@@ -3,19 +3,74 @@
 A `FineTuner` keeps the user's recipe (a `CompileSpec`) and recompiles from it whenever the model
 changes under it (new trainable flags, a new head, LoRA adapters, another label format, a
 `fine_tune` phase at another learning-rate scale). Both facts live here, together, and
-`invalidate()` is the one way to say "the next fit recompiles".
+`invalidate()` is the one way to say "the next fit recompiles". What the model was compiled
+with is kept as a typed `CompileArgs`, so that code compiling a model that trains the same
+layers (the feature cache's head) is told it instead of reading Keras' private compile config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from transferkit.compile.spec import CompileSpec
 
-__all__ = ["CompileState", "Compiled"]
+__all__ = ["CompileArgs", "CompileState", "Compiled"]
+
+
+@dataclass(frozen=True)
+class CompileArgs:
+    """The arguments a model was compiled with, besides the optimizer, resolved.
+
+    Attributes:
+        loss: the loss actually compiled (an inferred one resolved).
+        metrics: the metrics actually compiled.
+        loss_weights: as given to `compile` (None: Keras' default).
+        weighted_metrics: as given to `compile`.
+        run_eagerly: as given to `compile`.
+        steps_per_execution: as given to `compile` (1 unless the user asked for more).
+        jit_compile: as the model resolved it (`"auto"` has become True or False).
+
+    Example:
+
+    >>> CompileArgs("mse").steps_per_execution
+    1
+    """
+
+    loss: Any
+    metrics: Any = None
+    loss_weights: Any = None
+    weighted_metrics: Any = None
+    run_eagerly: bool = False
+    steps_per_execution: int = 1
+    jit_compile: bool | str = "auto"
+
+    @classmethod
+    def of(
+        cls, loss: Any, metrics: Any, compile_kwargs: Mapping[str, Any], *, jit_compile: Any
+    ) -> CompileArgs:
+        """The arguments of `model.compile(optimizer, loss, metrics, **compile_kwargs)`.
+
+        Args:
+            loss: the loss passed.
+            metrics: the metrics passed.
+            compile_kwargs: the other keywords passed; missing ones take Keras' defaults.
+            jit_compile: `model.jit_compile` after the compile (Keras resolves "auto").
+
+        Returns:
+            The `CompileArgs`.
+        """
+        return cls(
+            loss=loss,
+            metrics=metrics,
+            loss_weights=compile_kwargs.get("loss_weights"),
+            weighted_metrics=compile_kwargs.get("weighted_metrics"),
+            run_eagerly=compile_kwargs.get("run_eagerly", False),
+            steps_per_execution=compile_kwargs.get("steps_per_execution", 1),
+            jit_compile=jit_compile,
+        )
 
 
 @dataclass(frozen=True)
@@ -26,14 +81,22 @@ class Compiled:
         signature: what the compile depended on (the model, its trainable flags, the label
             format, the learning-rate scale); another signature needs a recompile.
         lr_scale: the factor on the recipe's learning rate (a `fine_tune` phase "full").
-        loss: the loss actually compiled (an inferred one resolved).
-        metrics: the metrics actually compiled.
+        args: the compile's arguments besides the optimizer (loss, metrics, ...).
     """
 
     signature: Hashable
     lr_scale: float
-    loss: Any
-    metrics: Any
+    args: CompileArgs
+
+    @property
+    def loss(self) -> Any:
+        """The loss actually compiled (an inferred one resolved)."""
+        return self.args.loss
+
+    @property
+    def metrics(self) -> Any:
+        """The metrics actually compiled."""
+        return self.args.metrics
 
 
 @dataclass

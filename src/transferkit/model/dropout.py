@@ -66,8 +66,8 @@ def _inference_when_frozen(self: keras.layers.Layer, *args: Any, **kwargs: Any) 
 
 
 def _dropout_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    # Private API (checked on Keras 3.15.1), as in train.cache: `_flatten_layers` also reaches
-    # the dropout a layer owns without being a model (the one inside MultiHeadAttention).
+    # Private API (checked on Keras 3.15.1), as in train.cache.layers: `_flatten_layers` also
+    # reaches the dropout a layer owns without being a model (the one inside MultiHeadAttention).
     return [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)

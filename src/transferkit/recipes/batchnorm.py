@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from transferkit._utils.batches import iter_batches
 from transferkit._utils.checks import check_int, check_optional_int
 from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError
@@ -124,11 +125,8 @@ def iterate_inputs(x: Any, batch_size: int, steps: int | None) -> Iterator[Any]:
         DataError: `x` is empty or of an unsupported type.
     """
     if isinstance(x, tf.data.Dataset):
-        source: Any = x
-        if steps is not None:
-            source = x.take(steps)
         any_batch = False
-        for element in source:
+        for element in iter_batches(x, batch_size, steps=steps):
             any_batch = True
             # As NumPy: a JAX or PyTorch model does not take TensorFlow tensors.
             inputs = element[0] if isinstance(element, tuple) else element
@@ -144,10 +142,7 @@ def iterate_inputs(x: Any, batch_size: int, steps: int | None) -> Iterator[Any]:
     arr = np.asarray(x)
     if arr.ndim == 0 or arr.shape[0] == 0:
         raise DataError("adapt_batchnorm: the data is empty; pass at least one sample.")
-    n = arr.shape[0]
-    limit = n if steps is None else min(n, steps * batch_size)
-    for start in range(0, limit, batch_size):
-        yield arr[start : min(start + batch_size, limit)]
+    yield from iter_batches(arr, batch_size, steps=steps)
 
 
 def adapt_batchnorm(

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from transferkit import backend
+from transferkit._utils.batches import iter_batches
 from transferkit.compile.spec import check_learning_rate
 from transferkit.data.checks import is_array_like
 from transferkit.errors import ConfigError, DataError, MissingExtraError
@@ -222,15 +223,9 @@ def _batches(x: Any, y: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
     if n == 0:
         raise DataError("find_lr: the data is empty; pass at least one sample.")
     rng = np.random.default_rng(0)
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield (
-                keras.tree.map_structure(lambda a, i=idx: a[i], xs),
-                keras.tree.map_structure(lambda a, i=idx: a[i], ys),
-                None,
-            )
+    while True:  # a new order in each pass over the data
+        for xb, yb in iter_batches((xs, ys), batch_size, order=rng.permutation(n)):
+            yield xb, yb, None
 
 
 def run_lr_finder(

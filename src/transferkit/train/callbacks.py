@@ -147,7 +147,9 @@ def transfer_state(
 def _install(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
     # keras 3.15.1: `compile()` inside `fit` resets `train_function` and nothing remakes it.
     # Replace the optimizer (also in the compile config, so a later `.keras` save describes the
-    # optimizer whose state it writes) and force a new train function.
+    # optimizer whose state it writes) and force a new train function. Keras' own
+    # `get_compile_config()` reads that private config when saving; transferkit never does (the
+    # cache gets `CompileArgs`), so this write serves the saved file only.
     model.optimizer = optimizer
     config = getattr(model, "_compile_config", None)
     if config is not None and isinstance(getattr(config, "config", None), dict):

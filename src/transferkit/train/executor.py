@@ -1,7 +1,7 @@
 """Executors: the functions that run one `model.fit` and report how it trained.
 
 An executor takes `(model, x, y, fit_kwargs)` and returns an `ExecutorResult`. `plain_executor`
-calls `model.fit`; the frozen-prefix feature cache (`train.cache.make_cached_executor`) builds
+calls `model.fit`; the frozen-prefix feature cache (`train.cache.executor.make_cached_executor`) builds
 another on top of it. `train.fit.run_fit` picks one and wraps it in the run-level guards.
 """
 

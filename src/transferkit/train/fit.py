@@ -14,11 +14,12 @@ from typing import Any
 
 import keras
 
+from transferkit.compile.state import CompileArgs
 from transferkit.data.checks import check_fit_arguments
 from transferkit.errors import ConfigError
 from transferkit.results.result import FitResult
 from transferkit.results.summary import count_params
-from transferkit.train.cache import make_cached_executor
+from transferkit.train.cache.executor import make_cached_executor
 from transferkit.train.executor import Executor, ExecutorResult, plain_executor
 from transferkit.train.guards import guarded_fit
 
@@ -51,7 +52,7 @@ class FitOptions:
     phase: str = "fit"
 
 
-def _choose_executor(options: FitOptions) -> Executor:
+def _choose_executor(options: FitOptions, compile_args: CompileArgs) -> Executor:
     if options.cache is False:
         if options.augment_views is not None:
             raise ConfigError(
@@ -61,7 +62,10 @@ def _choose_executor(options: FitOptions) -> Executor:
         return plain_executor
     if options.cache is True or options.cache == "auto":
         return make_cached_executor(
-            True if options.cache is True else "auto", options.cache_memory, options.augment_views
+            True if options.cache is True else "auto",
+            options.cache_memory,
+            options.augment_views,
+            compile_args=compile_args,
         )
     raise ConfigError(f"cache must be 'auto', True or False, got {options.cache!r}.")
 
@@ -72,11 +76,24 @@ def run_fit(
     y: Any,
     fit_kwargs: dict[str, Any],
     options: FitOptions | None = None,
+    *,
+    compile_args: CompileArgs,
 ) -> FitResult:
-    """Runs one fit of `model` and wraps the outcome in a `FitResult`."""
+    """Runs one fit of `model` and wraps the outcome in a `FitResult`.
+
+    Args:
+        model: the compiled model.
+        x, y, fit_kwargs: what `model.fit` gets.
+        options: transferkit's own options of the fit (defaults: `FitOptions()`).
+        compile_args: what `model` was compiled with (`CompileState.compiled.args`); the
+            feature cache compiles its head model alike.
+
+    Returns:
+        The `FitResult`.
+    """
     options = options or FitOptions()
     check_fit_arguments(fit_kwargs)
-    executor = _choose_executor(options)
+    executor = _choose_executor(options, compile_args)
     trainable, frozen = count_params(model)
     start = time.perf_counter()
     guarded = guarded_fit(

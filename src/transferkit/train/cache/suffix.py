@@ -1,0 +1,158 @@
+"""Training the suffix on the cached features, as `model.fit` would train the full model.
+
+The suffix is compiled with the full model's optimizer instance (its state and learning-rate
+schedule carry on) and with the arguments the full model was compiled with (`CompileArgs`, given
+by the caller, not read back from Keras), fed the features in the way that reproduces the
+user's shuffling, and fitted under a `CallbackList` bound to the full model, so that user
+callbacks see (and save, and restore) the model they know.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from transferkit import backend
+from transferkit.compile.state import CompileArgs
+from transferkit.train.cache.bridge import (
+    BatchBridge,
+    Bridge,
+    overrides_batch_end,
+    steps_per_execution,
+)
+from transferkit.train.cache.plan import CachePlan
+from transferkit.train.cache.store import (
+    Features,
+    MemmapBatches,
+    ViewBatches,
+    ViewSwitch,
+    is_spilled,
+)
+from transferkit.train.distribution import prepare_model
+
+__all__ = ["train_suffix"]
+
+
+def train_suffix(
+    model: keras.Model,
+    plan: CachePlan,
+    views: list[Features],
+    val: Features | None,
+    kw: dict[str, Any],
+    callbacks: list[Any],
+    compile_args: CompileArgs,
+) -> dict[str, list[float]]:
+    """Fits `plan.suffix` on the features, for the epochs and with the callbacks of `kw`.
+
+    Args:
+        model: the full model, compiled; its optimizer trains the suffix.
+        plan: the split.
+        views: the training features, one per augmentation view (usually one).
+        val: the validation features, or None.
+        kw: the fit's keywords as `extract.compute_features` left them.
+        callbacks: the user's callbacks, flat.
+        compile_args: what `model` was compiled with.
+
+    Returns:
+        The Keras history, as `model.fit` would have returned it.
+    """
+    suffix = plan.suffix
+    feats = views[0]
+    suffix.compile(
+        optimizer=model.optimizer,  # the same instance: its state and LR schedule carry on
+        loss=compile_args.loss,
+        loss_weights=compile_args.loss_weights,
+        metrics=compile_args.metrics,
+        weighted_metrics=compile_args.weighted_metrics,
+        run_eagerly=compile_args.run_eagerly,
+        steps_per_execution=1,  # set below, once the number of steps is known
+        jit_compile=compile_args.jit_compile,
+    )
+    if tf.distribute.has_strategy():
+        # Under a strategy (FineTuner.fit enters its scope) the suffix trains on the replicas
+        # like the full model would: Keras distributes the cached arrays by the global batch.
+        prepare_model(suffix, tf.distribute.get_strategy())
+    batch_size = int(kw.pop("batch_size"))
+    shuffle = kw.pop("shuffle", True)
+    switch: list[Any] = []
+    if len(views) > 1:
+        batches = ViewBatches(views, batch_size, shuffle, len(views))
+        data: dict[str, Any] = {"x": batches, "shuffle": False}
+        steps = len(batches)
+        switch.append(ViewSwitch(batches))
+    elif is_spilled(feats.x):
+        # Keras would shuffle a PyDataset's batch order (not its samples): it shuffles itself.
+        data = {"x": MemmapBatches(feats, batch_size, shuffle), "shuffle": False}
+        steps = len(data["x"])
+    elif shuffle == "batch":
+        # Keras' shuffle="batch" for arrays shuffles inside each batch; this keeps the batches
+        # and shuffles their order, as `dataset.batch(n).shuffle(...)` does.
+        data = {"x": _batch_shuffled(feats, batch_size), "shuffle": False}
+        steps = math.ceil(len(feats.x[0]) / batch_size)
+    else:
+        data = {
+            "x": _as_tensors(feats.model_x()),
+            "y": feats.y,
+            "sample_weight": feats.sample_weight,
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+        }
+        steps = math.ceil(len(feats.x[0]) / batch_size)
+    if val is not None:
+        vbs = int(kw.pop("validation_batch_size", None) or batch_size)
+        if is_spilled(val.x):
+            kw["validation_data"] = MemmapBatches(val, vbs, False)
+        else:
+            kw["validation_data"] = (val.model_x(), val.y, val.sample_weight)
+            kw["validation_batch_size"] = vbs
+    suffix.steps_per_execution = steps_per_execution(
+        compile_args.steps_per_execution,
+        steps,
+        callbacks,
+        distributed=tf.distribute.has_strategy(),
+    )
+    history = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.History)), None)
+    extra: list[Any] = []
+    if history is None:
+        history = keras.callbacks.History()
+        extra.append(history)
+    bridge_cls = BatchBridge if any(overrides_batch_end(cb) for cb in callbacks) else Bridge
+    verbose = kw.get("verbose", "auto")
+    epochs = kw.get("epochs", 1)
+    cb_list = keras.callbacks.CallbackList(
+        [*switch, *callbacks, *extra, bridge_cls(model, suffix)],
+        add_history=False,
+        add_progbar=verbose != 0,
+        model=model,  # user callbacks see (and save, and restore) the full model
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps,
+    )
+    kw["callbacks"] = cb_list
+    model.stop_training = False
+    suffix.history = history
+    with backend.current().shared_training_state(model, suffix):
+        suffix.fit(**data, **kw)
+    return dict(history.history)
+
+
+def _as_tensors(x: Any) -> Any:
+    # Keras' array adapter converts NumPy inputs to tensors again in every epoch (Keras 3.15.1,
+    # TensorFlow backend: a copy of all the features per epoch); converted once, the epochs
+    # slice the same tensor. Peak memory is unchanged: Keras held that copy anyway.
+    if keras.backend.backend() != "tensorflow":
+        return x
+    return keras.tree.map_structure(tf.convert_to_tensor, x)
+
+
+def _batch_shuffled(feats: Features, batch_size: int) -> Any:
+    parts = [feats.model_x(), feats.y]
+    if feats.sample_weight is not None:
+        parts.append(feats.sample_weight)
+    batches = tf.data.Dataset.from_tensor_slices(keras.tree.lists_to_tuples(tuple(parts)))
+    batches = batches.batch(batch_size)
+    steps = math.ceil(len(feats.x[0]) / batch_size)
+    return batches.shuffle(steps, reshuffle_each_iteration=True).prefetch(tf.data.AUTOTUNE)
