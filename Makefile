@@ -36,7 +36,7 @@ typecheck: $(VENV)/.stamp-dev
 # (issue #13): add a file to JAX_TESTS once it passes there.
 JAX_TESTS := tests/test_cache.py tests/test_lr_finder.py tests/test_recipes_phases.py \
 	tests/test_batchnorm.py tests/test_reliability.py tests/test_lora.py tests/test_faults.py \
-	tests/test_cli.py
+	tests/test_cli.py tests/test_keras2_ops.py
 
 unit: $(VENV)/.stamp-dev
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q --durations=25

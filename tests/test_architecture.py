@@ -56,6 +56,7 @@ LAYERS: Layers = (
             (
                 "transferkit.model.dropout",
                 "transferkit.model.graph",
+                "transferkit.model.keras2.ops",
                 "transferkit.model.keras2.safety",
             ),
             ("transferkit.model.keras2.layers", "transferkit.model.layers"),

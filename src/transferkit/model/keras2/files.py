@@ -32,6 +32,7 @@ from transferkit.model.keras2.layers import (
     builtin_layers,
     keras2_hard_sigmoid,
 )
+from transferkit.model.keras2.ops import check_portable
 from transferkit.model.keras2.safety import OP_CLASSES, check_op_layers
 
 __all__ = [
@@ -116,6 +117,7 @@ def load_keras2_h5(
         saved = json.loads(raw)
         check_op_layers(saved, safe_mode=safe_mode)
         config = keras2_config(saved, shift_nested=not version.startswith("3"))
+        check_portable(config)  # the op layers the rewrite left, on JAX / PyTorch
         if not safe_mode:
             mark_global_lambdas(config)
         model = _build(config, custom_objects=custom_objects, safe_mode=safe_mode)
@@ -148,6 +150,7 @@ def load_keras2_keras(
         saved = json.loads(archive.read("config.json"))
         check_op_layers(saved, safe_mode=safe_mode)
         config = keras2_config(legacy_form(saved))
+        check_portable(config)
         if not safe_mode:
             mark_global_lambdas(config)
         weights = archive.read("model.weights.h5")

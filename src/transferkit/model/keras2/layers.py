@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from transferkit._utils.configs import map_config
+from transferkit.model.keras2.ops import keras_equivalent
 from transferkit.model.keras2.safety import check_op_name, effective_safe_mode, resolve_function
 
 __all__ = [
@@ -69,15 +70,25 @@ def _decode(value: Any) -> Any:
 class TFOpLambda(keras.layers.Layer):  # type: ignore[misc]
     """Keras 3 stand-in for Keras 2's `TFOpLambda`: calls `tf.<function>` on its inputs.
 
+    On the TensorFlow backend it calls the TensorFlow function, as Keras 2 did; on any other
+    backend its `keras.ops` equivalent (`model.keras2.ops`).
+
     Args:
         function: the dotted name under `tf` (`"math.truediv"`, `"__operators__.add"`).
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+
+    Raises:
+        ModelLoadError: not on TensorFlow, and the function has no `keras.ops` equivalent.
     """
 
     def __init__(self, function: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.function = str(function)
-        self._fn = resolve_function(self.function)
+        if keras.backend.backend() == "tensorflow" or self.function == "__operators__.getitem":
+            self._fn = resolve_function(self.function)
+        else:
+            check_op_name(self.function, layer=self.name, safe_mode=False)
+            self._fn = keras_equivalent(self.function, layer=self.name)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> TFOpLambda:
@@ -94,6 +105,15 @@ class TFOpLambda(keras.layers.Layer):  # type: ignore[misc]
         )
         layer: TFOpLambda = super().from_config(config)
         return layer
+
+    def compute_output_spec(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if keras.backend.backend() == "tensorflow":
+            return super().compute_output_spec(inputs, *args, **kwargs)
+        # Keras' JAX shape inference traces every argument, so the shape of `reshape` or the
+        # `perm` of `transpose` would arrive as tracers; only the tensors may be traced.
+        from keras.src.backend import compute_output_spec
+
+        return compute_output_spec(lambda x: self.call(x, *args, **kwargs), inputs)
 
     def call(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.pop("name", None)
