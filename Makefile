@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test lint typecheck unit unit-jax-all docs bench clean
+.PHONY: demo test test-torch lint typecheck unit unit-jax-all docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,21 @@ typecheck: $(VENV)/.stamp-dev
 # (issue #13): add a file to JAX_TESTS once it passes there.
 JAX_TESTS := tests/test_cache.py tests/test_lr_finder.py tests/test_recipes_phases.py \
 	tests/test_batchnorm.py tests/test_reliability.py tests/test_lora.py tests/test_faults.py \
-	tests/test_cli.py tests/test_keras2_ops.py
+	tests/test_cli.py tests/test_keras2_ops.py tests/test_cross_backend.py
 
 unit: $(VENV)/.stamp-dev
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q --durations=25
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q $(JAX_TESTS)
+
+# PyTorch is opt-in (not part of `make test`): the chain, the cache, LoRA and checkpoints on
+# KERAS_BACKEND=torch. TORCH_SPEC pins a CPU build where one is at hand; PyPI's default torch
+# for Linux is a CUDA build of several GB.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_TESTS := tests/test_tuner.py tests/test_cache.py tests/test_lora.py tests/test_faults.py \
+	tests/test_cross_backend.py
+test-torch: $(VENV)/.stamp-dev
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -n 2 -q $(TORCH_TESTS)
 
 unit-jax-all: $(VENV)/.stamp-dev
 	KERAS_BACKEND=jax $(BIN)/python -m pytest -n 2 -q

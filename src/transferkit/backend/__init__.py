@@ -56,6 +56,9 @@ class BackendModule(Protocol):
         """The paths of the variables that live on a single device (not laid out over a
         `keras.distribution` mesh); empty where the backend has no such distinction."""
 
+    def runs_several_steps(self) -> bool:
+        """Whether Keras runs `steps_per_execution > 1` on this backend (not on PyTorch)."""
+
     def loss_replicas(self) -> int:
         """Over how many replicas a Keras loss divides itself inside such a step (1 but under a
         `tf.distribute` strategy, where each replica's loss is scaled by 1 / replicas)."""

@@ -22,6 +22,7 @@ __all__ = [
     "gradient_step",
     "local_variables",
     "loss_replicas",
+    "runs_several_steps",
     "shared_training_state",
 ]
 
@@ -82,6 +83,11 @@ def local_variables(variables: list[keras.Variable]) -> list[str]:
         for v in variables
         if isinstance(getattr(v.value, "sharding", None), jax.sharding.SingleDeviceSharding)
     ]
+
+
+def runs_several_steps() -> bool:
+    """See `BackendModule.runs_several_steps`: Keras runs several steps per call here."""
+    return True
 
 
 def loss_replicas() -> int:

@@ -16,6 +16,7 @@ __all__ = [
     "gradient_step",
     "local_variables",
     "loss_replicas",
+    "runs_several_steps",
     "shared_training_state",
 ]
 
@@ -43,6 +44,11 @@ def shared_training_state(shown: keras.Model, trained: keras.Model) -> AbstractC
 def local_variables(variables: list[keras.Variable]) -> list[str]:
     """See `BackendModule.local_variables`: `keras.distribution` does not run here."""
     return []
+
+
+def runs_several_steps() -> bool:
+    """See `BackendModule.runs_several_steps`: Keras runs several steps per call here."""
+    return True
 
 
 def loss_replicas() -> int:

@@ -17,6 +17,7 @@ __all__ = [
     "gradient_step",
     "local_variables",
     "loss_replicas",
+    "runs_several_steps",
     "shared_training_state",
 ]
 
@@ -41,6 +42,11 @@ def shared_training_state(shown: keras.Model, trained: keras.Model) -> AbstractC
 def local_variables(variables: list[keras.Variable]) -> list[str]:
     """See `BackendModule.local_variables`: `keras.distribution` does not run here."""
     return []
+
+
+def runs_several_steps() -> bool:
+    """See `BackendModule.runs_several_steps`: Keras 3.15.1 raises "`steps_per_execution` must be 1 with the PyTorch backend"."""
+    return False
 
 
 def loss_replicas() -> int:

@@ -14,6 +14,8 @@ from typing import Any
 
 import keras
 
+from transferkit import backend
+
 __all__ = ["BatchBridge", "Bridge", "overrides_batch_end", "steps_per_execution"]
 
 
@@ -62,7 +64,8 @@ def steps_per_execution(
 
     The cached features need no per-step work from the host, so an epoch is one call (one host
     round-trip instead of one per batch) unless the user compiled with their own value, a
-    callback needs to see every batch, or a `tf.distribute` strategy runs the fit: Keras 3.15.1's
+    callback needs to see every batch, the backend runs one step per call (PyTorch: Keras 3.15.1
+    refuses `steps_per_execution > 1` there), or a `tf.distribute` strategy runs the fit: Keras 3.15.1's
     multi-step loop under MirroredStrategy fails with "You must feed a value for placeholder
     tensor 'while/cond/Placeholder'". Each step is the same train step either way, so the
     weights are those of one step per call.
@@ -84,6 +87,8 @@ def steps_per_execution(
     asked = int(asked or 1)
     if asked != 1 or distributed or any(_needs_every_batch(cb) for cb in callbacks):
         return asked
+    if not backend.current().runs_several_steps():
+        return 1
     return max(1, steps)
 
 
