@@ -18,8 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
 from conftest import Digits, Pretrained
+
 from transferkit import FineTuner
 
 SRC = Path(__file__).resolve().parents[1] / "src"
