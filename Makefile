@@ -36,7 +36,8 @@ typecheck: $(VENV)/.stamp-dev
 # (issue #13): add a file to JAX_TESTS once it passes there.
 JAX_TESTS := tests/test_cache.py tests/test_lr_finder.py tests/test_recipes_phases.py \
 	tests/test_batchnorm.py tests/test_reliability.py tests/test_lora.py tests/test_faults.py \
-	tests/test_cli.py tests/test_keras2_ops.py tests/test_cross_backend.py
+	tests/test_cli.py tests/test_keras2_ops.py tests/test_cross_backend.py tests/test_cache_shapes.py \
+	tests/test_tuner.py tests/test_compiling.py
 
 unit: $(VENV)/.stamp-dev
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q --durations=25

@@ -20,7 +20,15 @@ from transferkit._utils.batches import iter_batches
 from transferkit.train.cache.errors import CannotCache
 from transferkit.train.cache.pipeline import dataset_shuffle, is_dataset
 from transferkit.train.cache.plan import CachePlan
-from transferkit.train.cache.store import Budget, Features, ShapeChange, SpillDir, Store, is_spilled
+from transferkit.train.cache.store import (
+    BatchFeatures,
+    Budget,
+    Features,
+    ShapeChange,
+    SpillDir,
+    Store,
+    is_spilled,
+)
 
 __all__ = ["compute_features"]
 
@@ -81,6 +89,60 @@ def _dataset_features(
     verbose: Any,
     what: str,
     batches_reorder: bool = False,
+) -> Features | BatchFeatures:
+    left = budget.left
+    try:
+        return _joined_features(fn, n_cuts, dataset, budget, spill, verbose, what, batches_reorder)
+    except ShapeChange:
+        # The cut tensors change shape between batches (text padded per batch): the features
+        # cannot be one array, so they are computed again and kept batch by batch.
+        budget.left = left
+        return _batch_features(fn, dataset, budget, verbose, what)
+
+
+def _batch_features(
+    fn: Any, dataset: Any, budget: Budget, verbose: Any, what: str
+) -> BatchFeatures:
+    card = int(dataset.cardinality())
+    bar = _progbar(card if card > 0 else None, verbose)
+    xs: list[list[np.ndarray]] = []
+    ys: list[Any] = []
+    sws: list[Any] = []
+    for step, element in enumerate(dataset):
+        bx, by, bsw = keras.utils.unpack_x_y_sample_weight(element)
+        if by is None:
+            raise CannotCache(f"{what}: the dataset yields no targets")
+        outs = [np.asarray(o) for o in fn(bx)]
+        targets = keras.tree.map_structure(lambda t: np.asarray(t), by)
+        weights = None if bsw is None else np.asarray(bsw)
+        nbytes = sum(a.nbytes for a in [*outs, *keras.tree.flatten(targets)])
+        if not budget.take(nbytes):
+            # Batches of different shapes cannot share one memory-mapped array.
+            raise CannotCache(
+                f"{what}: its cut tensors change shape between batches, so the features are "
+                "kept in memory batch by batch, and they need more than cache_memory bytes"
+            )
+        xs.append(outs)
+        ys.append(targets)
+        sws.append(weights)
+        if bar is not None:
+            bar.update(step + 1)
+    if not xs:
+        raise CannotCache(f"{what}: the dataset is empty")
+    if any(s is None for s in sws) and not all(s is None for s in sws):
+        raise CannotCache(f"{what}: only some of its elements carry sample weights")
+    return BatchFeatures(xs, ys, None if sws[0] is None else sws)
+
+
+def _joined_features(
+    fn: Any,
+    n_cuts: int,
+    dataset: Any,
+    budget: Budget,
+    spill: SpillDir,
+    verbose: Any,
+    what: str,
+    batches_reorder: bool,
 ) -> Features:
     card = int(dataset.cardinality())
     bar = _progbar(card if card > 0 else None, verbose)
@@ -138,7 +200,7 @@ def compute_features(
     budget: Budget,
     spill: SpillDir,
     passes: int = 1,
-) -> tuple[list[Features], Features | None]:
+) -> tuple[list[Features] | list[BatchFeatures], Features | BatchFeatures | None]:
     """The prefix's outputs for the training data and for the validation data.
 
     Args:
@@ -153,11 +215,13 @@ def compute_features(
 
     Returns:
         `(views, validation)`: one `Features` per pass, and the validation features or None.
+        A dataset whose cut tensors change shape between batches gives `BatchFeatures`.
 
     Raises:
         CannotCache: the data cannot be cached as it came (a dataset without targets, batches
-            of irregular sizes, cut tensors whose shape changes between batches), or computing
-            the features failed (`warn=True`: something unexpected raised).
+            of irregular sizes; cut tensors whose shape changes between batches of a dataset
+            that reshuffles its elements, or with augmentation views), or computing the
+            features failed (`warn=True`: something unexpected raised).
     """
     try:
         return _compute(plan, x, y, kw, budget, spill, passes)
@@ -184,7 +248,7 @@ def _compute(
     budget: Budget,
     spill: SpillDir,
     passes: int,
-) -> tuple[list[Features], Features | None]:
+) -> tuple[list[Features] | list[BatchFeatures], Features | BatchFeatures | None]:
     verbose = kw.get("verbose", "auto")
     fn = _prefix_function(plan.prefix)
     # Keras validates in inference mode: without augmentation.
@@ -193,21 +257,34 @@ def _compute(
     val = kw.pop("validation_data", None)
     split = float(kw.pop("validation_split", 0.0) or 0.0)
     sw = kw.pop("sample_weight", None)
-    val_feats: Features | None = None
+    val_feats: Features | BatchFeatures | None = None
+    views: list[Features] | list[BatchFeatures]
     if is_dataset(x):
         # Keras ignores `shuffle` with a dataset; the cached features reshuffle as it would.
         shuffle = dataset_shuffle(x)[0]
         what = "the training dataset"
-        views = [
-            _dataset_features(fn, n_cuts, x, budget, spill, verbose, what, shuffle == "batch")
-            for _ in range(passes)
-        ]
-        if len({(len(v.x[0]), v.batch_size) for v in views}) > 1:
-            raise CannotCache(
-                "the training dataset yields other numbers of samples in different passes"
-            )
-        kw["batch_size"] = views[0].batch_size
-        kw["shuffle"] = True if shuffle == "elements" else shuffle
+        first = _dataset_features(fn, n_cuts, x, budget, spill, verbose, what, shuffle == "batch")
+        if isinstance(first, BatchFeatures):
+            _check_batch_features(shuffle, passes)
+            kw["batch_size"] = max(len(batch[0]) for batch in first.x)
+            kw["shuffle"] = shuffle  # False, or "batch": the same batches in a new order
+            views = [first]
+        else:
+            joined = [first]
+            for _ in range(passes - 1):
+                view = _dataset_features(
+                    fn, n_cuts, x, budget, spill, verbose, what, shuffle == "batch"
+                )
+                if not isinstance(view, Features):
+                    raise CannotCache(f"{what}: its cut tensors change shape in another pass")
+                joined.append(view)
+            if len({(len(v.x[0]), v.batch_size) for v in joined}) > 1:
+                raise CannotCache(
+                    "the training dataset yields other numbers of samples in different passes"
+                )
+            kw["batch_size"] = joined[0].batch_size
+            kw["shuffle"] = True if shuffle == "elements" else shuffle
+            views = joined
     else:
         batch_size = int(kw.get("batch_size") or 32)
         kw["batch_size"] = batch_size
@@ -227,9 +304,24 @@ def _compute(
         if is_dataset(val):
             what = "the validation dataset"
             val_feats = _dataset_features(val_fn, n_cuts, val, budget, spill, verbose, what, True)
-            kw["validation_batch_size"] = val_feats.batch_size
+            if isinstance(val_feats, Features):
+                kw["validation_batch_size"] = val_feats.batch_size
         else:
             vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(val))
             vbs = int(kw.get("validation_batch_size") or kw["batch_size"])
             val_feats = _array_features(val_fn, n_cuts, vx, vy, vsw, vbs, budget, spill, verbose)
     return views, val_feats
+
+
+def _check_batch_features(shuffle: Any, passes: int) -> None:
+    if shuffle == "elements":
+        raise CannotCache(
+            "the training dataset reshuffles its elements in every epoch and its cut tensors "
+            "change shape between batches: every epoch pads other batches, which features "
+            "computed once cannot reproduce"
+        )
+    if passes > 1:
+        raise CannotCache(
+            "augmentation views need cut tensors of one shape, and the training dataset's "
+            "change shape between batches"
+        )

@@ -4,7 +4,9 @@
 rows is known, else into chunks), and moves to a file in the `SpillDir` once the `Budget` of
 bytes is spent; `spill_dir` removes the files however the fit ends. `Features` are the finished
 arrays with their targets; `MemmapBatches` and `ViewBatches` feed spilled features and
-augmentation views to `fit` batch by batch.
+augmentation views to `fit` batch by batch. `BatchFeatures` keeps a dataset's features batch
+by batch instead, when the cut tensors change shape between batches (text padded per batch):
+they cannot be one array, and the suffix trains on each batch as it came.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import keras
 import numpy as np
 
 __all__ = [
+    "BatchFeatures",
     "Budget",
     "Features",
     "MemmapBatches",
@@ -180,6 +183,34 @@ class Features:
     def model_x(self) -> Any:
         """`x` as the suffix takes it: one array, or a list for several cut tensors."""
         return self.x[0] if len(self.x) == 1 else list(self.x)
+
+
+@dataclass
+class BatchFeatures:
+    """Cached prefix outputs of a dataset kept batch by batch, in the order they came.
+
+    Attributes:
+        x: per batch, one array per cut tensor.
+        y: per batch, the targets, structured as the model's outputs.
+        sample_weight: per batch, the sample weights; None when the dataset has none.
+    """
+
+    x: list[list[np.ndarray]]
+    y: list[Any]
+    sample_weight: list[Any] | None
+
+    @property
+    def rows(self) -> int:
+        """The number of samples."""
+        return sum(len(batch[0]) for batch in self.x)
+
+    def batch(self, index: int) -> tuple[Any, ...]:
+        """Batch `index` as `fit` takes it: `(x, y)` or `(x, y, sample_weight)`."""
+        x = self.x[index]
+        xs = x[0] if len(x) == 1 else tuple(x)
+        if self.sample_weight is None:
+            return xs, self.y[index]
+        return xs, self.y[index], self.sample_weight[index]
 
 
 class MemmapBatches(keras.utils.PyDataset):  # type: ignore[misc]

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from transferkit import backend
@@ -25,6 +26,7 @@ from transferkit.train.cache.bridge import (
 )
 from transferkit.train.cache.plan import CachePlan
 from transferkit.train.cache.store import (
+    BatchFeatures,
     Features,
     MemmapBatches,
     ViewBatches,
@@ -39,8 +41,8 @@ __all__ = ["train_suffix"]
 def train_suffix(
     model: keras.Model,
     plan: CachePlan,
-    views: list[Features],
-    val: Features | None,
+    views: list[Features] | list[BatchFeatures],
+    val: Features | BatchFeatures | None,
     kw: dict[str, Any],
     callbacks: list[Any],
     compile_args: CompileArgs,
@@ -78,9 +80,13 @@ def train_suffix(
     batch_size = int(kw.pop("batch_size"))
     shuffle = kw.pop("shuffle", True)
     switch: list[Any] = []
-    if len(views) > 1:
-        batches = ViewBatches(views, batch_size, shuffle, len(views))
-        data: dict[str, Any] = {"x": batches, "shuffle": False}
+    if isinstance(feats, BatchFeatures):
+        data: dict[str, Any] = {"x": _stored_batches(feats, shuffle == "batch"), "shuffle": False}
+        steps = len(feats.x)
+    elif len(views) > 1:
+        assert all(isinstance(v, Features) for v in views)
+        batches = ViewBatches(views, batch_size, shuffle, len(views))  # type: ignore[arg-type]
+        data = {"x": batches, "shuffle": False}
         steps = len(batches)
         switch.append(ViewSwitch(batches))
     elif is_spilled(feats.x):
@@ -101,18 +107,26 @@ def train_suffix(
             "shuffle": shuffle,
         }
         steps = math.ceil(len(feats.x[0]) / batch_size)
-    if val is not None:
+    if isinstance(val, BatchFeatures):
+        kw["validation_data"] = _stored_batches(val, False)
+    elif val is not None:
         vbs = int(kw.pop("validation_batch_size", None) or batch_size)
         if is_spilled(val.x):
             kw["validation_data"] = MemmapBatches(val, vbs, False)
         else:
             kw["validation_data"] = (val.model_x(), val.y, val.sample_weight)
             kw["validation_batch_size"] = vbs
-    suffix.steps_per_execution = steps_per_execution(
-        compile_args.steps_per_execution,
-        steps,
-        callbacks,
-        distributed=tf.distribute.has_strategy(),
+    suffix.steps_per_execution = (
+        # Batches of changing shapes: one step per call, as plain fit runs them (a multi-step
+        # call would need its steps to share one shape on JAX).
+        compile_args.steps_per_execution
+        if isinstance(feats, BatchFeatures)
+        else steps_per_execution(
+            compile_args.steps_per_execution,
+            steps,
+            callbacks,
+            distributed=tf.distribute.has_strategy(),
+        )
     )
     history = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.History)), None)
     extra: list[Any] = []
@@ -156,3 +170,27 @@ def _batch_shuffled(feats: Features, batch_size: int) -> Any:
     batches = batches.batch(batch_size)
     steps = math.ceil(len(feats.x[0]) / batch_size)
     return batches.shuffle(steps, reshuffle_each_iteration=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _leaf_spec(arrays: list[Any]) -> Any:
+    # None on every axis whose size differs between batches, as a padded dataset declares it.
+    shapes = [a.shape for a in arrays]
+    dims = [size if len({s[i] for s in shapes}) == 1 else None for i, size in enumerate(shapes[0])]
+    return tf.TensorSpec((None, *dims[1:]), arrays[0].dtype)
+
+
+def _stored_batches(feats: BatchFeatures, reshuffle: bool) -> Any:
+    """The batches as a `tf.data.Dataset`, in their order or (reshuffle) a new one per epoch."""
+    structure = keras.tree.lists_to_tuples(feats.batch(0))
+    leaves = [
+        keras.tree.flatten(keras.tree.lists_to_tuples(feats.batch(i))) for i in range(len(feats.x))
+    ]
+    specs = [_leaf_spec([batch[j] for batch in leaves]) for j in range(len(leaves[0]))]
+    signature = keras.tree.pack_sequence_as(structure, specs)
+
+    def batches() -> Any:
+        order = np.random.permutation(len(feats.x)) if reshuffle else range(len(feats.x))
+        for i in order:
+            yield keras.tree.lists_to_tuples(feats.batch(int(i)))
+
+    return tf.data.Dataset.from_generator(batches, output_signature=signature)
