@@ -62,7 +62,7 @@ docs: $(VENV)/.stamp-dev
 test: lint typecheck unit docs
 
 bench: $(VENV)/.stamp-dev
-	$(BIN)/python -m benchmarks.cache
+	$(BIN)/python -m benchmarks.cache --backends tensorflow,jax
 
 clean:
 	rm -rf $(VENV) build dist site .pytest_cache .mypy_cache .ruff_cache

@@ -23,7 +23,8 @@ ratio of medians, and the ratio of CPU seconds. ``--methods keras,tk-nocache --r
 measures the wrapper's overhead alone.
 
 Run: ``python -m benchmarks.cache`` or ``python benchmarks/cache.py`` (``--epochs``,
-``--repeats``, ``--samples``, ``--methods``).
+``--repeats``, ``--samples``, ``--methods``, ``--backends tensorflow,jax``: every method on each
+backend in one run, with a side-by-side table at the end; ``make bench`` does that).
 """
 
 from __future__ import annotations
@@ -133,8 +134,12 @@ def run_one(method: str, epochs: int, samples: int, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(report))
 
 
-def _child(method: str, epochs: int, samples: int, out: Path) -> dict[str, float]:
+def _child(
+    method: str, epochs: int, samples: int, out: Path, backend: str | None = None
+) -> dict[str, float]:
     env = dict(os.environ)
+    if backend:
+        env["KERAS_BACKEND"] = backend
     env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env["PYTHONPATH"] = os.pathsep.join(
@@ -158,14 +163,18 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {', '.join(METHODS)}; ratios and the weight check are "
         "against keras when it is listed, else against the first listed in this order",
     )
+    parser.add_argument(
+        "--backends",
+        default="",
+        help="comma-separated Keras backends to run every method on (tensorflow,jax), side by "
+        "side; default: the backend of the environment",
+    )
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         run_one(args.child, args.epochs, args.samples, args.out)
         return 0
-
-    import numpy as np
 
     wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
     unknown = wanted - set(METHODS)
@@ -174,6 +183,34 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(m for m in METHODS if m in wanted)
     if not methods:
         parser.error("--methods names no method")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or [None]
+    ok = True
+    summary: dict[str, dict[str, float]] = {}
+    for backend in backends:
+        if backend is not None:
+            print(f"=== KERAS_BACKEND={backend}", flush=True)
+        agreed, medians = _run_backend(args, methods, backend)
+        ok &= agreed
+        summary[backend or os.environ.get("KERAS_BACKEND", "tensorflow")] = medians
+    if len(summary) > 1:
+        names = list(summary)
+        print("Side by side: median seconds (speed-up against plain Keras on that backend)")
+        print(f"{'method':12s}" + "".join(f" {n:>22s}" for n in names))
+        for method in methods:
+            cells = []
+            for n in names:
+                med, ref = summary[n][method], summary[n][methods[0]]
+                cells.append(f"{med:8.2f} s ({ref / med:5.2f}x)")
+            print(f"{method:12s}" + "".join(f" {c:>22s}" for c in cells))
+    return 0 if ok else 1
+
+
+def _run_backend(
+    args: argparse.Namespace, methods: tuple[str, ...], backend: str | None
+) -> tuple[bool, dict[str, float]]:
+    """Runs every method `args.repeats` times on `backend`; prints its table."""
+    import numpy as np
+
     ref_name = methods[0]  # keras whenever it runs
     times: dict[str, list[float]] = {m: [] for m in methods}
     rss: dict[str, list[float]] = {m: [] for m in methods}
@@ -184,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             order = methods if rep % 2 == 0 else tuple(reversed(methods))
             for method in order:
                 out = Path(tmp) / f"{method}_{rep}.npz"
-                got = _child(method, args.epochs, args.samples, out)
+                got = _child(method, args.epochs, args.samples, out, backend)
                 times[method].append(got["seconds"])
                 rss[method].append(got["peak_rss"])
                 cpus[method].append(got["cpu"])
@@ -235,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"tk-cache / by-hand   = {cached / hand:.3f} (target <= 0.85; "
                 f"cpu seconds {cpu_ratio:.3f})"
             )
-    return 0 if all(agree.values()) else 1
+    return all(agree.values()), {m: statistics.median(times[m]) for m in methods}
 
 
 def _ratio_interval(mine: list[float], ref: list[float], draws: int = 2000) -> tuple[float, float]:

@@ -4,6 +4,14 @@ Each row trains once in a fresh Python process; rows of one case are interleaved
 repeats (the order reverses every repeat), and ratios are against the case's first row of the
 same run:
 
+- ``folder``: the keras.io flow: PNG files in class folders read by
+  ``keras.utils.image_dataset_from_directory`` (reshuffled every epoch, its default), a frozen
+  ``MobileNetV2(weights=None, alpha=0.35)`` base on 64x64 images, a new head; plain fit
+  (``cache=False``) against ``cache="auto"`` (which reshuffles the cached features as the folder
+  would: equal in distribution, not in order).
+- ``bert``: a frozen keras-hub BERT encoder (2 layers, hidden 64, sequences of 32 tokens) with a
+  new head on ``pooled_output``, ``dropout="frozen"``, dict inputs; plain fit against
+  ``cache="auto"``.
 - ``augment``: the tutorial-style model: RandomFlip + RandomRotation -> a frozen convolutional
   base -> GlobalAveragePooling -> Dropout -> Dense, on generated 32x32 images of 5 classes
   (class patterns plus noise). Plain augmented fit (``cache=False``) against
@@ -34,6 +42,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES: dict[str, tuple[str, ...]] = {
+    "folder": ("plain", "cached"),
+    "bert": ("plain", "cached"),
     "augment": ("plain", "views2", "views4"),
     "effnet": ("plain", "cached"),
     "spill": ("memory", "spilled"),
@@ -64,6 +74,22 @@ def _images(n: int, size: int, classes: int, seed: int) -> tuple[Any, Any]:
     stripes = np.sin(freq * (np.cos(angle) * u + np.sin(angle) * v) + phase)
     x = 0.5 + 0.25 * stripes[..., None] + 0.3 * rng.standard_normal((n, size, size, 3))
     return x.astype("float32"), y
+
+
+def _write_folder(root: Path, n: int, size: int, classes: int, seed: int) -> None:
+    """`n` PNG images of `_images` in one folder per class, as `image_dataset_from_directory`
+    reads them."""
+    if root.is_dir():
+        return
+    import numpy as np
+    import tensorflow as tf
+
+    x, y = _images(n, size, classes, seed)
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (np.clip(image, 0, 1) * 255).astype("uint8")
+        tf.io.write_file(str(folder / f"{i:04d}.png"), tf.io.encode_png(pixels))
 
 
 def _conv_base(size: int) -> Any:
@@ -108,7 +134,58 @@ def run_one(case: str, method: str, seed: int) -> dict[str, float]:
 
     keras.utils.set_random_seed(seed)
     report: dict[str, float] = {}
-    if case == "augment":
+    if case == "folder":
+        folder = Path(os.environ["TK_BENCH_TMP"]) / f"images_{seed}"
+        _write_folder(folder, 320, 64, 4, seed)
+        ds = keras.utils.image_dataset_from_directory(
+            folder, image_size=(64, 64), batch_size=32, seed=seed, verbose=False
+        )
+        base = keras.applications.MobileNetV2(
+            weights=None, include_top=False, input_shape=(64, 64, 3), alpha=0.35, pooling="avg"
+        )
+        inp = keras.Input((64, 64, 3))
+        h = keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)
+        out = keras.layers.Dense(4, activation="softmax")(base(h))
+        tuner = FineTuner(keras.Model(inp, out), copy=False).freeze_until(-1)
+        tuner.compile_sgd(lr=0.05, momentum=0.9)
+        cache = "auto" if method == "cached" else False
+        start, cpu = time.perf_counter(), _cpu()
+        result = tuner.fit(ds, epochs=8, verbose=0, cache=cache)
+        report["seconds"], report["cpu"] = time.perf_counter() - start, _cpu() - cpu
+        if (method == "cached") != result.cached:
+            raise SystemExit(f"folder/{method}: cached={result.cached}, the benchmark is broken")
+    elif case == "bert":
+        import keras_hub  # type: ignore[import-untyped]
+        import numpy as np
+
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=1000,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=64,
+            intermediate_dim=128,
+            max_sequence_length=32,
+        )
+        backbone.trainable = False
+        names = ("token_ids", "segment_ids", "padding_mask")
+        inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in names}
+        out = keras.layers.Dense(2, activation="softmax")(backbone(inputs)["pooled_output"])
+        rng = np.random.default_rng(seed)
+        x = {
+            "token_ids": rng.integers(1, 1000, (1024, 32)).astype("int32"),
+            "segment_ids": np.zeros((1024, 32), "int32"),
+            "padding_mask": np.ones((1024, 32), "int32"),
+        }
+        y = (x["token_ids"][:, 0] % 2).astype("int32")
+        tuner = FineTuner(keras.Model(inputs, out), copy=False, dropout="frozen")
+        tuner.compile_sgd(lr=0.05, momentum=0.9)
+        cache = "auto" if method == "cached" else False
+        start, cpu = time.perf_counter(), _cpu()
+        result = tuner.fit(x, y, epochs=8, batch_size=32, verbose=0, cache=cache)
+        report["seconds"], report["cpu"] = time.perf_counter() - start, _cpu() - cpu
+        if (method == "cached") != result.cached:
+            raise SystemExit(f"bert/{method}: cached={result.cached}, the benchmark is broken")
+    elif case == "augment":
         x, y = _images(1536, 32, 5, seed)
         xt, yt = _images(512, 32, 5, seed + 100)
         inp = keras.Input((32, 32, 3))
@@ -197,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     out = Path(tmp) / f"{case}_{method}_{rep}.json"
                     cmd = [sys.executable, "-m", "benchmarks.cases", "--child", case, method]
                     env["TK_BENCH_SEED"] = str(rep)
+                    env["TK_BENCH_TMP"] = tmp
                     subprocess.run([*cmd, str(out)], check=True, env=env, cwd=ROOT)
                     row = json.loads(out.read_text())
                     got.setdefault((case, method), []).append(row)

@@ -35,6 +35,7 @@ LAYERS: Layers = (
                 "transferkit._utils.batches",
                 "transferkit._utils.checks",
                 "transferkit._utils.configs",
+                "transferkit._utils.figures",
                 "transferkit._utils.files",
             ),
         ),

@@ -156,5 +156,5 @@ def test_plot_saves_a_png_and_names_the_extra_when_matplotlib_is_missing(
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(MissingExtraError, match=r"pip install transferkit\[plot\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install \"transferkit\[plot\]\""):
         finder.plot()

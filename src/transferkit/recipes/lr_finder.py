@@ -21,9 +21,10 @@ import tensorflow as tf
 
 from transferkit import backend
 from transferkit._utils.batches import iter_batches
+from transferkit._utils.figures import new_figure, save_figure
 from transferkit.compile.spec import check_learning_rate
 from transferkit.data.checks import is_array_like
-from transferkit.errors import ConfigError, DataError, MissingExtraError
+from transferkit.errors import ConfigError, DataError
 
 __all__ = ["LRFinder", "run_lr_finder", "suggest"]
 
@@ -127,14 +128,9 @@ class LRFinder:
 
         Raises:
             MissingExtraError: matplotlib is not installed.
+            SaveError: `path` cannot be written.
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise MissingExtraError(
-                "LRFinder.plot needs matplotlib: pip install transferkit[plot]"
-            ) from None
-        fig = Figure(figsize=(6, 4))
+        fig = new_figure(figsize=(6, 4))
         ax = fig.add_subplot()
         ax.plot(self.lrs, self.raw_losses, color="0.75", linewidth=0.8, label="loss")
         ax.plot(self.lrs, self.losses, color="C0", label="smoothed loss")
@@ -152,8 +148,7 @@ class LRFinder:
             ax.set_ylim(low - 0.05 * (high - low + 1e-12), min(high, DIVERGENCE * low) * 1.05)
         ax.legend(fontsize="small")
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(str(path), format="png")
+        save_figure(fig, path)
         return fig
 
 

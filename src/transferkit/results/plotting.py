@@ -1,22 +1,17 @@
 """Pictures of a fine-tune: learning curves and the frozen/trainable/new layer strip.
 
-matplotlib is the optional `plot` extra. Figures are built with `matplotlib.figure.Figure`
-directly, not through `pyplot`: no global figure registry to leak into, no GUI backend needed
-(PNG rendering uses Agg whatever backend is configured), and a notebook shows the returned
-figure once, as the cell's value.
+matplotlib is the optional `plot` extra; figures are made and saved by `_utils.figures`
+(without `pyplot`: a notebook shows the returned figure once, as the cell's value).
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from transferkit.errors import MissingExtraError, SaveError
+from transferkit._utils.figures import new_figure, save_figure
 from transferkit.results.summary import LayerRow
 
 __all__ = ["STATE_COLORS", "leaf_rows", "metric_names", "plot_history", "plot_layers"]
@@ -31,51 +26,6 @@ STATE_COLORS: dict[str, str] = {
 _STATE_LABELS = {"no": "frozen", "partly": "partly trainable", "yes": "trainable", "new": "new"}
 _TRAIN_COLOR = "#0072B2"
 _VAL_COLOR = "#D55E00"
-
-
-@functools.cache
-def _displayable(figure_class: type) -> Any:
-    class TransferkitFigure(figure_class):  # type: ignore[misc]
-        """A Figure that a notebook shows as the value of a cell.
-
-        A Figure made without `pyplot` has no display hook until the inline backend is set up
-        (which importing `pyplot` does); `_repr_png_` lets IPython show it either way, once.
-        """
-
-        def _repr_png_(self) -> bytes:
-            buffer = io.BytesIO()
-            self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-            return buffer.getvalue()
-
-    return TransferkitFigure
-
-
-def _new_figure(**kwargs: Any) -> Any:
-    """A `matplotlib.figure.Figure`, or `MissingExtraError` naming the extra to install."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise MissingExtraError(
-            'plotting needs matplotlib: pip install "transferkit[plot]"'
-        ) from exc
-    return _displayable(Figure)(**kwargs)
-
-
-def _save(fig: Any, path: str | os.PathLike[str] | None) -> None:
-    if path is None:
-        return
-    target = Path(os.fspath(path))
-    if not target.parent.is_dir():  # "x.png" has the parent ".", which exists
-        raise SaveError(
-            f"cannot save the plot to {str(target)!r}: directory {str(target.parent)!r} "
-            "does not exist."
-        )
-    # PNG unless the suffix names another format matplotlib knows (.svg, .pdf, ...).
-    fmt = None if target.suffix else "png"
-    try:
-        fig.savefig(target, format=fmt, dpi=100, bbox_inches="tight")
-    except OSError as exc:
-        raise SaveError(f"cannot save the plot to {str(target)!r}: {exc}") from exc
 
 
 def metric_names(history: Mapping[str, Sequence[float]]) -> list[str]:
@@ -120,7 +70,7 @@ def plot_history(
     names = metric_names(history) or ["loss"]
     cols = min(len(names), 3)
     rows = math.ceil(len(names) / cols)
-    fig = _new_figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    fig = new_figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     boundaries: list[tuple[float, str]] = []
     start = 0
@@ -160,7 +110,7 @@ def plot_history(
             ax.legend(fontsize=8)
     for ax in axes[len(names) :]:
         ax.set_visible(False)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 
@@ -209,7 +159,7 @@ def plot_layers(
     leaves = leaf_rows(rows)
     n = len(leaves)
     width = min(max(6.0, 0.42 * n + 1.5), 40.0)
-    fig = _new_figure(figsize=(width, 4.2), layout="constrained")
+    fig = new_figure(figsize=(width, 4.2), layout="constrained")
     bars, strip = fig.subplots(2, 1, sharex=True, height_ratios=(5, 1))
     xs = list(range(n))
     colors = [STATE_COLORS.get(r.trainable, "#CC79A7") for r in leaves]
@@ -256,5 +206,5 @@ def plot_layers(
     bars.legend(handles=handles, fontsize=8, loc="upper left", title="parameters")
     if title:
         bars.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
