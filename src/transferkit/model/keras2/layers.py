@@ -49,6 +49,14 @@ TENSOR_KWARGS = "transferkit_tensor_kwargs"
 KERAS2_HARD_SIGMOID = "keras2_hard_sigmoid"
 
 
+def _tensorflow() -> Any:
+    # Imported when a TensorFlow-only stand-in runs, not with this module, which every model
+    # load imports on every backend.
+    import tensorflow as tf
+
+    return tf
+
+
 # ------------------------------------------------------------------- TensorFlow op layers
 
 
@@ -200,7 +208,7 @@ class _RandomSize(keras.layers.Layer):  # type: ignore[misc]
     def call(self, inputs: Any, training: bool = False) -> Any:
         if not training:
             return inputs
-        import tensorflow as tf
+        tf = _tensorflow()
 
         shape = tf.shape(inputs)
         scale = keras.random.uniform([], *self._range, seed=self.seed_generator)
@@ -245,7 +253,7 @@ class RandomWidth(_RandomSize):
 def _smart_resize(images: Any, height: int, width: int) -> Any:
     # Keras 2's `smart_resize`: the largest central window of the target aspect ratio, resized
     # (bilinear) to the target size; shapes may be dynamic.
-    import tensorflow as tf
+    tf = _tensorflow()
 
     shape = tf.shape(images)
     h, w = shape[1], shape[2]
@@ -282,7 +290,7 @@ class Keras2RandomCrop(keras.layers.Layer):  # type: ignore[misc]
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs: Any, training: bool = False) -> Any:
-        import tensorflow as tf
+        tf = _tensorflow()
 
         images = tf.convert_to_tensor(inputs)
         unbatched = images.shape.rank == 3
@@ -369,7 +377,7 @@ def _with_module_globals(function: Any) -> Any:
 
 def _lambda_globals() -> dict[str, Any]:
     # What Keras 2's deserialized lambdas found among their globals.
-    import tensorflow as tf
+    tf = _tensorflow()
 
     return {"tf": tf, "np": np}
 
