@@ -138,3 +138,70 @@ def test_frozen_efficientnet_is_cached_to_its_end() -> None:
     tuner.compile("adam")
     result = tuner.fit(x, rng.integers(0, 3, 16), epochs=2, batch_size=8, verbose=0, cache=True)
     assert result.cached and result.cache_layer == "gap"
+
+
+# ------------------------------------------------------------------- stochastic depth
+
+
+def drop_path_model(layer: keras.layers.Layer) -> keras.Model:
+    """base (frozen) -> a stochastic-depth layer (frozen) -> hidden -> out, fixed weights."""
+    inp = keras.Input((6,), name="x")
+    h = keras.layers.Dense(12, activation="relu", name="base", trainable=False)(inp)
+    layer.trainable = False
+    h = layer(h)
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(h)
+    model = keras.Model(inp, keras.layers.Dense(1, name="out")(h))
+    rng = np.random.default_rng(3)
+    model.set_weights([rng.normal(0, 0.4, w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
+class StochasticDepth(keras.layers.Layer):  # type: ignore[misc]
+    """A user's stochastic depth: unseeded `keras.random`, no SeedGenerator, no Keras base."""
+
+    def __init__(self, drop_rate: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.drop_rate = drop_rate
+
+    def call(self, inputs: object, training: bool | None = None) -> object:
+        if not training or self.drop_rate == 0.0:
+            return inputs
+        keep = keras.random.uniform(keras.ops.shape(inputs)) > self.drop_rate
+        return keras.ops.where(keep, inputs / (1.0 - self.drop_rate), 0.0)
+
+
+def _dino_drop_path(rate: float) -> keras.layers.Layer:
+    from keras_hub.src.models.dinov2.dinov2_layers import (  # type: ignore[import-untyped]
+        DINOV2DropPath,
+    )
+
+    return DINOV2DropPath(rate, name="drop_path")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_dino_drop_path, lambda rate: StochasticDepth(rate, name="drop_path")],
+    ids=["keras-hub DINOV2DropPath", "custom StochasticDepth"],
+)
+def test_stochastic_depth_without_a_seed_generator_is_random_unless_frozen(
+    make: object, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # Neither layer owns a SeedGenerator: only its class name and rate say it draws.
+    assert layer_blocker(make(0.5)) == (  # type: ignore[operator]
+        f"is random in training mode ({type(make(0.5)).__name__}, rate 0.5)"  # type: ignore[operator]
+    )
+    assert layer_blocker(make(0.0)) is None  # type: ignore[operator]
+    live = FineTuner(drop_path_model(make(0.5)))  # type: ignore[operator]
+    assert plan_cache(live.model).cut_layer == "base"  # the cut stops before it
+    x, y = data
+    without = trained(drop_path_model(make(0.0)), x, y)  # type: ignore[operator]
+    frozen = trained(drop_path_model(make(0.5)), x, y, dropout="frozen")  # type: ignore[operator]
+    assert close(frozen, without)  # in inference mode it is the identity
+    # Under "frozen" the cache reaches past it and equals plain fit.
+    tuner = FineTuner(drop_path_model(make(0.5)), dropout="frozen")  # type: ignore[operator]
+    assert plan_cache(tuner.model).cut_layer == "drop_path"
+    tuner.compile_sgd(lr=0.05, loss="mse")
+    result = tuner.fit(x, y, cache=True, **FIT)
+    assert result.cached
+    cached = [tuner.model.get_layer(n).get_weights()[0] for n in ("hidden", "out")]
+    assert close(cached, without)

@@ -1,7 +1,8 @@
 """The Dropout policy: whether Dropout-family and noise layers in frozen ranges stay random.
 
 Keras runs every Dropout, SpatialDropout, GaussianNoise, GaussianDropout and AlphaDropout layer
-in training mode during `fit`, frozen or not (`trainable=False` only stops weight updates). The
+(and stochastic-depth layers such as keras-hub's `DINOV2DropPath`) in training mode during
+`fit`, frozen or not (`trainable=False` only stops weight updates). The
 Keras transfer-learning guide therefore calls a frozen base as `base(x, training=False)`. The
 policy "frozen" gets the same effect without rewriting the graph: each such layer whose
 `trainable` flag is False runs in inference mode (the identity), whatever `training` it is
@@ -28,7 +29,9 @@ __all__ = [
     "DropoutPolicy",
     "apply_dropout_policy",
     "check_dropout_policy",
+    "is_dropout_like",
     "runs_in_inference",
+    "stochastic_depth_rate",
 ]
 
 DropoutPolicy = Literal["train", "frozen"]
@@ -42,6 +45,37 @@ DROPOUT_LAYER_TYPES: tuple[type[Any], ...] = (
 """The layer classes the policy acts on: random in training mode, identity in inference."""
 
 _MARK = "_transferkit_frozen_dropout"
+
+# Stochastic depth is no Keras built-in: keras-hub's `DINOV2DropPath` (and other libraries'
+# `DropPath` / `StochasticDepth`) draw with `keras.random` and no `SeedGenerator`, so nothing but
+# the class name and its rate tells that they are random in training mode (keras-hub 0.32).
+_STOCHASTIC_DEPTH_NAMES = ("DropPath", "StochasticDepth")
+_DEPTH_RATES = ("rate", "drop_path_rate", "drop_rate")
+
+
+def stochastic_depth_rate(layer: Any) -> float | None:
+    """The drop rate of a stochastic-depth layer (`DropPath`, `StochasticDepth` by class name),
+    or None when `layer` is not one.
+
+    Example:
+
+    >>> stochastic_depth_rate(keras.layers.Dropout(0.5)) is None
+    True
+    """
+    names = [cls.__name__ for cls in type(layer).__mro__]
+    if not any(marker in name for name in names for marker in _STOCHASTIC_DEPTH_NAMES):
+        return None
+    for attribute in _DEPTH_RATES:
+        value = getattr(layer, attribute, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 1.0  # a rate we cannot read: assume it draws
+
+
+def is_dropout_like(layer: Any) -> bool:
+    """Whether `layer` is random in training mode and the identity in inference: a Dropout-family
+    or noise layer, or a stochastic-depth layer (`stochastic_depth_rate`)."""
+    return isinstance(layer, DROPOUT_LAYER_TYPES) or stochastic_depth_rate(layer) is not None
 
 
 def check_dropout_policy(policy: Any) -> DropoutPolicy:
@@ -71,7 +105,7 @@ def _dropout_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, DROPOUT_LAYER_TYPES)
+        if is_dropout_like(layer)
     ]
 
 
@@ -105,8 +139,4 @@ def runs_in_inference(layer: Any) -> bool:
     >>> runs_in_inference(layer)
     False
     """
-    return bool(
-        isinstance(layer, DROPOUT_LAYER_TYPES)
-        and layer.__dict__.get(_MARK, False)
-        and not layer.trainable
-    )
+    return bool(is_dropout_like(layer) and layer.__dict__.get(_MARK, False) and not layer.trainable)

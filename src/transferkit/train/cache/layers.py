@@ -11,7 +11,7 @@ from typing import Any
 
 import keras
 
-from transferkit.model.dropout import runs_in_inference
+from transferkit.model.dropout import runs_in_inference, stochastic_depth_rate
 
 __all__ = [
     "RANDOM_LAYER_TYPES",
@@ -129,6 +129,10 @@ def layer_blocker(layer: Any, augment: bool = False) -> str | None:
             continue
         if isinstance(sub, RANDOM_LAYER_TYPES) or _seed_generators(sub):
             return f"is random in training mode ({type(sub).__name__})"
+        rate = stochastic_depth_rate(sub)
+        if rate is not None and rate != 0.0:
+            # Stochastic depth without a SeedGenerator (keras-hub's DINOV2DropPath).
+            return f"is random in training mode ({type(sub).__name__}, rate {rate:g})"
         if isinstance(sub, keras.layers.BatchNormalization) and sub.trainable:
             return "is a BatchNormalization layer in training mode"
     if layer.trainable and layer.weights:
