@@ -21,8 +21,8 @@ from typing import Any, TypedDict
 import keras
 import numpy as np
 
-from transferkit._utils.files import atomic_write_bytes, hash_arrays
-from transferkit.errors import ModelLoadError, SaveError
+from transferkit._utils.files import hash_arrays
+from transferkit.errors import ModelLoadError
 from transferkit.model.layers import leaf_layers, unit_trainable, unit_weights
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "provenance_path",
     "provenance_text",
     "versions",
-    "write_provenance",
 ]
 
 PROVENANCE_SUFFIX = ".transferkit.json"
@@ -190,34 +189,6 @@ def provenance_text(
         "versions": versions(),
     }
     return json.dumps(record, indent=2, sort_keys=True, allow_nan=True)
-
-
-def write_provenance(
-    model_path: Path, context: Mapping[str, Any], outcome: Mapping[str, Any]
-) -> Path:
-    """Writes `<model_path>.transferkit.json` atomically.
-
-    Args:
-        model_path: the saved model file.
-        context: `fit_context(...)` (may be empty for a bare model).
-        outcome: history, epochs, best epoch and flags of the fit.
-
-    Returns:
-        The path of the record.
-
-    Raises:
-        SaveError: the record could not be written.
-    """
-    target = provenance_path(model_path)
-    text = provenance_text(model_path, context, outcome)
-    try:
-        atomic_write_bytes(target, lambda fh: fh.write(text.encode("utf-8")))
-    except OSError as exc:
-        raise SaveError(
-            f"the model was saved to {str(model_path)!r} but its provenance record "
-            f"{str(target)!r} could not be written: {exc.strerror or exc}."
-        ) from exc
-    return target
 
 
 def load(
