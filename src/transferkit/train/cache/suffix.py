@@ -193,4 +193,7 @@ def _stored_batches(feats: BatchFeatures, reshuffle: bool) -> Any:
         for i in order:
             yield keras.tree.lists_to_tuples(feats.batch(int(i)))
 
-    return tf.data.Dataset.from_generator(batches, output_signature=signature)
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    # A known length: Keras then counts steps from the first epoch on (and its JAX trainer does
+    # not warn "Your input ran out of data" at the end of each epoch).
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(feats.x)))
