@@ -140,6 +140,19 @@ CACHE_LAYERS: Layers = (
     ),
 )
 
+# The checkpoint directory's modules, bottom first (its `__init__` docstring explains each).
+CHECKPOINTS = "transferkit.train.checkpoints"
+CHECKPOINTS_LAYERS: Layers = (
+    (
+        "train.checkpoints",
+        (
+            (f"{CHECKPOINTS}.lock", f"{CHECKPOINTS}.records"),
+            tuple(f"{CHECKPOINTS}.{m}" for m in ("fingerprint", "manifest", "state")),
+            (f"{CHECKPOINTS}.store",),
+        ),
+    ),
+)
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -436,6 +449,14 @@ def test_the_cache_modules_import_downward_only() -> None:
     assert layer_violations(inside, own, CACHE_LAYERS, CACHE) == []
 
 
+def test_the_checkpoint_modules_import_downward_only() -> None:
+    modules, edges = all_edges(SRC, "transferkit")
+    inside = {name: path for name, path in modules.items() if name.startswith(CHECKPOINTS + ".")}
+    own = [e for e in edges if e.source in inside and e.target in inside]
+    assert len(inside) >= 6 and len(own) >= 8  # the walk saw the subpackage
+    assert layer_violations(inside, own, CHECKPOINTS_LAYERS, CHECKPOINTS) == []
+
+
 def test_transferkit_has_no_import_cycle() -> None:
     _, edges = all_edges(SRC, "transferkit")
     assert find_cycle([e for e in edges if e.eager]) is None, "a module-level circle"
@@ -458,6 +479,7 @@ def test_subpackage_inits_import_nothing() -> None:
         "transferkit.model",
         "transferkit.train",
         "transferkit.train.cache",
+        "transferkit.train.checkpoints",
         "transferkit._utils",
     }
     for name in inits:

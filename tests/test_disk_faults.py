@@ -31,9 +31,9 @@ from conftest import Pretrained, few_shot_split
 
 import transferkit
 import transferkit.results.result
-import transferkit.train.checkpoints
+import transferkit.train.checkpoints.manifest
 from transferkit import CheckpointError, FineTuner, FitResult, SaveError
-from transferkit.train.checkpoints import CheckpointStore
+from transferkit.train.checkpoints.store import CheckpointStore
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FIT: dict[str, Any] = {"epochs": 4, "batch_size": 10, "shuffle": False, "verbose": 0}
@@ -367,22 +367,26 @@ def test_checkpoint_on_a_full_disk_then_resume_matches_uninterrupted(
         disk.fill(leave=newest["size"] + 64 if fails == "manifest" else 0)
 
     failed: list[str] = []
-    real_write_json = transferkit.train.checkpoints._write_json
+    calls: list[str] = []
+    real_write_json = transferkit.train.checkpoints.manifest._write_json
 
     def spy(path: Path, data: Any) -> Any:
+        calls.append(path.name)
         try:
             return real_write_json(path, data)
         except OSError:
             failed.append(path.name)
             raise
 
-    monkeypatch.setattr(transferkit.train.checkpoints, "_write_json", spy)
+    monkeypatch.setattr(transferkit.train.checkpoints.manifest, "_write_json", spy)
     tuner = make_tuner(pretrained)
     with pytest.raises(CheckpointError, match="no space left on device") as info:
         tuner.fit(x, y, checkpoint_dir=ckpt, callbacks=[AtEpoch(2, fill)], **FIT)
     message = str(info.value)
     assert str(ckpt) in message and "next epoch 3" in message
     assert failed == (["manifest.json"] if fails == "manifest" else [])
+    # The spy saw every manifest write: the new phase, epochs 1 and 2, and epoch 3's attempt.
+    assert calls == ["manifest.json"] * (4 if fails == "manifest" else 3)
     # The newest complete checkpoint is the one of epoch 2, intact; nothing half-written is left.
     assert not temporaries(ckpt)
     assert _newest_state(ckpt)["next_epoch"] == 2

@@ -33,7 +33,9 @@ import numpy as np
 from transferkit.errors import CheckpointError, ConfigError
 from transferkit.results.provenance import describe_value
 from transferkit.results.result import best_of
-from transferkit.train.checkpoints import CheckpointStore, PhaseState, fingerprint
+from transferkit.train.checkpoints.fingerprint import fingerprint
+from transferkit.train.checkpoints.state import PhaseState
+from transferkit.train.checkpoints.store import CheckpointStore
 
 __all__ = ["FitGuard", "GuardedFit", "fit_plan", "guarded_fit"]
 
