@@ -10,6 +10,7 @@ fit can still go the plain way.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -100,21 +101,34 @@ def _dataset_features(
         return _batch_features(fn, dataset, budget, verbose, what)
 
 
-def _batch_features(
-    fn: Any, dataset: Any, budget: Budget, verbose: Any, what: str
-) -> BatchFeatures:
+def _elements(fn: Any, dataset: Any, verbose: Any, what: str) -> Iterator[tuple[Any, Any, Any]]:
+    """The prefix's outputs (a list of arrays), targets and sample weights of each element."""
     card = int(dataset.cardinality())
     bar = _progbar(card if card > 0 else None, verbose)
-    xs: list[list[np.ndarray]] = []
-    ys: list[Any] = []
-    sws: list[Any] = []
     for step, element in enumerate(dataset):
         bx, by, bsw = keras.utils.unpack_x_y_sample_weight(element)
         if by is None:
             raise CannotCache(f"{what}: the dataset yields no targets")
-        outs = [np.asarray(o) for o in fn(bx)]
-        targets = keras.tree.map_structure(lambda t: np.asarray(t), by)
         weights = None if bsw is None else np.asarray(bsw)
+        yield list(fn(bx)), keras.tree.map_structure(np.asarray, by), weights
+        if bar is not None:
+            bar.update(step + 1)
+
+
+def _check_elements(sws: list[Any], what: str) -> None:
+    if not sws:
+        raise CannotCache(f"{what}: the dataset is empty")
+    if any(s is None for s in sws) and not all(s is None for s in sws):
+        raise CannotCache(f"{what}: only some of its elements carry sample weights")
+
+
+def _batch_features(
+    fn: Any, dataset: Any, budget: Budget, verbose: Any, what: str
+) -> BatchFeatures:
+    xs: list[list[np.ndarray]] = []
+    ys: list[Any] = []
+    sws: list[Any] = []
+    for outs, targets, weights in _elements(fn, dataset, verbose, what):
         nbytes = sum(a.nbytes for a in [*outs, *keras.tree.flatten(targets)])
         if not budget.take(nbytes):
             # Batches of different shapes cannot share one memory-mapped array.
@@ -125,12 +139,7 @@ def _batch_features(
         xs.append(outs)
         ys.append(targets)
         sws.append(weights)
-        if bar is not None:
-            bar.update(step + 1)
-    if not xs:
-        raise CannotCache(f"{what}: the dataset is empty")
-    if any(s is None for s in sws) and not all(s is None for s in sws):
-        raise CannotCache(f"{what}: only some of its elements carry sample weights")
+    _check_elements(sws, what)
     return BatchFeatures(xs, ys, None if sws[0] is None else sws)
 
 
@@ -144,27 +153,17 @@ def _joined_features(
     what: str,
     batches_reorder: bool,
 ) -> Features:
-    card = int(dataset.cardinality())
-    bar = _progbar(card if card > 0 else None, verbose)
     stores = [Store(budget, spill, None) for _ in range(n_cuts)]
     ys: list[Any] = []
     sws: list[Any] = []
     sizes: list[int] = []
-    for step, element in enumerate(dataset):
-        bx, by, bsw = keras.utils.unpack_x_y_sample_weight(element)
-        if by is None:
-            raise CannotCache(f"{what}: the dataset yields no targets")
-        for store, out in zip(stores, fn(bx), strict=True):
+    for outs, targets, weights in _elements(fn, dataset, verbose, what):
+        for store, out in zip(stores, outs, strict=True):
             store.add(out)
-        ys.append(keras.tree.map_structure(lambda t: np.asarray(t), by))
-        sws.append(None if bsw is None else np.asarray(bsw))
-        sizes.append(_n_rows(bx))
-        if bar is not None:
-            bar.update(step + 1)
-    if not sizes:
-        raise CannotCache(f"{what}: the dataset is empty")
-    if any(s is None for s in sws) and not all(s is None for s in sws):
-        raise CannotCache(f"{what}: only some of its elements carry sample weights")
+        ys.append(targets)
+        sws.append(weights)
+        sizes.append(len(outs[0]))
+    _check_elements(sws, what)
     full = max(sizes)
     partial = [i for i, s in enumerate(sizes) if s != full]
     if len(partial) > 1 or (partial and partial[0] != len(sizes) - 1 and not batches_reorder):
