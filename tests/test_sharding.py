@@ -105,9 +105,14 @@ def test_wrong_arguments_say_what_to_use(report: dict[str, object]) -> None:
     assert report["copy_false_inside_scope"] == "no error"
 
 
-def test_a_distribution_on_tensorflow_names_the_strategy(pretrained: Pretrained) -> None:
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("the TensorFlow refusal; the JAX side is checked by the worker above")
+def test_the_backend_of_this_process_takes_or_refuses_a_distribution(
+    pretrained: Pretrained,
+) -> None:
+    if keras.backend.backend() == "jax":  # one device here: the worker covers two
+        distribution = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+        tuner = FineTuner(pretrained.keras_path, distribution=distribution)
+        assert tuner.distribution is distribution
+        return
     distribution = keras.distribution.DataParallel(devices=["cpu:0"])
     with pytest.raises(ConfigError, match=r"needs the JAX backend.*strategy=tf\.distribute"):
         FineTuner(pretrained.keras_path, distribution=distribution)
