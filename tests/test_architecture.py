@@ -441,20 +441,19 @@ def test_transferkit_layers_import_downward_only() -> None:
     assert layer_violations(modules, edges, LAYERS, "transferkit") == []
 
 
-def test_the_cache_modules_import_downward_only() -> None:
+@pytest.mark.parametrize(
+    ("package", "order", "at_least"),
+    [(CACHE, CACHE_LAYERS, (10, 10)), (CHECKPOINTS, CHECKPOINTS_LAYERS, (6, 8))],
+    ids=["cache", "checkpoints"],
+)
+def test_a_subpackage_imports_downward_only(
+    package: str, order: Layers, at_least: tuple[int, int]
+) -> None:
     modules, edges = all_edges(SRC, "transferkit")
-    inside = {name: path for name, path in modules.items() if name.startswith(CACHE + ".")}
+    inside = {name: path for name, path in modules.items() if name.startswith(package + ".")}
     own = [e for e in edges if e.source in inside and e.target in inside]
-    assert len(inside) >= 10 and len(own) >= 10  # the walk saw the subpackage
-    assert layer_violations(inside, own, CACHE_LAYERS, CACHE) == []
-
-
-def test_the_checkpoint_modules_import_downward_only() -> None:
-    modules, edges = all_edges(SRC, "transferkit")
-    inside = {name: path for name, path in modules.items() if name.startswith(CHECKPOINTS + ".")}
-    own = [e for e in edges if e.source in inside and e.target in inside]
-    assert len(inside) >= 6 and len(own) >= 8  # the walk saw the subpackage
-    assert layer_violations(inside, own, CHECKPOINTS_LAYERS, CHECKPOINTS) == []
+    assert len(inside) >= at_least[0] and len(own) >= at_least[1]  # the walk saw it
+    assert layer_violations(inside, own, order, package) == []
 
 
 def test_transferkit_has_no_import_cycle() -> None:
