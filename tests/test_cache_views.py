@@ -60,8 +60,8 @@ def test_views_are_independent_flips(pretrained: Pretrained, digits: Digits) -> 
     kw: dict[str, Any] = {"batch_size": 16, "verbose": 0, "validation_data": (x, y)}
     views, val = compute_features(plan, x, y, kw, Budget(1 << 30), SpillDir(), passes=2)
     assert len(views) == 2 and val is not None
-    features = plan.prefix(x, training=False).numpy()
-    flipped = plan.prefix(x[:, :, ::-1], training=False).numpy()
+    features = keras.ops.convert_to_numpy(plan.prefix(x, training=False))
+    flipped = keras.ops.convert_to_numpy(plan.prefix(x[:, :, ::-1], training=False))
     np.testing.assert_allclose(val.x[0], features, rtol=1e-5, atol=1e-6)  # no augmentation
     picks = []
     for view in views:

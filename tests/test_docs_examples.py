@@ -7,6 +7,9 @@ Conventions for writing docs (README.md and every page under docs/):
 - A `python` block that must not run (it needs a download, a GPU, a long time) is preceded, on
   the line right before its fence, by the HTML comment `<!-- no-run -->` (invisible when
   rendered, and the block keeps its highlighting).
+- A `python` block for one Keras backend only (`tf.distribute` needs TensorFlow,
+  `keras.distribution` JAX) is preceded the same way by `<!-- backend: tensorflow -->` (or
+  `jax`, `torch`): it runs when the suite runs on that backend (`KERAS_BACKEND`), and only then.
 - The blocks of one page run in order, in one namespace, in a fresh temporary working directory:
   later blocks see earlier blocks' names and files.
 - The preamble every page can rely on:
@@ -35,6 +38,7 @@ from conftest import Digits, Pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_RUN = "<!-- no-run -->"
+_BACKEND = re.compile(r"^<!-- backend: (?P<name>[a-z]+) -->$")
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 
 
@@ -46,6 +50,7 @@ class Block:
     line: int
     code: str
     no_run: bool
+    backend: str | None = None
 
 
 def fenced_blocks(text: str) -> list[Block]:
@@ -61,6 +66,7 @@ def fenced_blocks(text: str) -> list[Block]:
         indent, fence = match["indent"], match["fence"]
         info = match["info"].strip().split()
         previous = lines[i - 1].strip() if i else ""
+        only = _BACKEND.match(previous)
         body: list[str] = []
         j = i + 1
         while j < len(lines) and not (
@@ -74,14 +80,21 @@ def fenced_blocks(text: str) -> list[Block]:
                 line=i + 2,
                 code="\n".join(body) + "\n",
                 no_run=previous == NO_RUN,
+                backend=only["name"] if only else None,
             )
         )
         i = j + 1
     return blocks
 
 
-def runnable(path: Path) -> list[Block]:
-    return [b for b in fenced_blocks(path.read_text()) if b.lang == "python" and not b.no_run]
+def runnable(path: Path, backend: str | None = None) -> list[Block]:
+    """The blocks of a page that run on `backend` (the Keras backend in use by default)."""
+    backend = backend or keras.backend.backend()
+    return [
+        b
+        for b in fenced_blocks(path.read_text())
+        if b.lang == "python" and not b.no_run and b.backend in (None, backend)
+    ]
 
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -104,19 +117,27 @@ def test_extraction_finds_the_examples() -> None:
             "```text",
             "$ transferkit --help",
             "```",
+            "<!-- backend: jax -->",
+            "```python",
+            "c = 3",
+            "```",
         ]
     )
     blocks = fenced_blocks(text)
-    assert [(b.lang, b.line, b.no_run) for b in blocks] == [
-        ("python", 2, False),
-        ("python", 5, False),
-        ("python", 9, True),
-        ("text", 12, False),
+    assert [(b.lang, b.line, b.no_run, b.backend) for b in blocks] == [
+        ("python", 2, False, None),
+        ("python", 5, False, None),
+        ("python", 9, True, None),
+        ("text", 12, False, None),
+        ("python", 16, False, "jax"),
     ]
     assert blocks[1].code == "b = a + 1\n"
     # The docs have examples on most pages; a broken extractor would find none.
     assert sum(len(runnable(p)) for p in PAGES) >= 15
     assert len(RUNNABLE) >= 6
+    # Each engine's page section runs on its backend.
+    scaling = ROOT / "docs" / "scaling-out.md"
+    assert {b.backend for b in fenced_blocks(scaling.read_text())} >= {"tensorflow", "jax"}
 
 
 @pytest.fixture

@@ -177,3 +177,44 @@ def test_an_op_without_an_equivalent_needs_tensorflow(tmp_path: Path) -> None:
             FineTuner(path)
         with pytest.raises(ModelLoadError, match=r"no keras\.ops equivalent"):
             TFOpLambda("math.bessel_i0e")
+
+
+def _keras2_lambda_function(source: str) -> Any:
+    # As a deserialized Keras 2 lambda: code whose globals do not hold `tf`.
+    namespace: dict[str, Any] = {}
+    exec(f"function = lambda t: {source}", namespace)
+    return namespace["function"]
+
+
+def test_a_keras2_lambda_calling_tf_runs_its_portable_calls_compiled() -> None:
+    from transferkit.model.keras2.layers import Keras2Lambda
+
+    function = _keras2_lambda_function(
+        "tf.reduce_mean(tf.square(t), axis=-1, keepdims=True)"
+        " + tf.cast(tf.math.l2_normalize(t, axis=-1)[:, :1], tf.float32)"
+    )
+    inputs = keras.Input((5,))
+    hidden = Keras2Lambda(function, name="mixed")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(hidden))
+    x = RNG.normal(size=(8, 5)).astype("float32")
+    mixed = keras.Model(inputs, hidden).predict(x, verbose=0)
+    expected = (x**2).mean(-1, keepdims=True) + x[:, :1] / np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(mixed, expected, rtol=1e-5, atol=1e-6)
+    model.compile(keras.optimizers.SGD(0.1), "mse")  # a compiled train step through the lambda
+    before = model.get_layer("out").kernel.numpy().copy()
+    history = model.fit(x, x[:, :1], batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not np.allclose(model.get_layer("out").kernel.numpy(), before)
+
+
+def test_a_keras2_lambda_calling_a_tf_only_function_needs_tensorflow() -> None:
+    from transferkit.model.keras2.layers import Keras2Lambda
+
+    layer = Keras2Lambda(_keras2_lambda_function("tf.math.cumsum(t, axis=-1)"), name="cum")
+    x = np.arange(6, dtype="float32").reshape(2, 3)
+    if keras.backend.backend() == "tensorflow":
+        np.testing.assert_array_equal(layer(keras.Input((3,))).shape, (None, 3))
+        np.testing.assert_array_equal(layer(x), np.cumsum(x, axis=-1))
+    else:
+        with pytest.raises(ModelLoadError, match=r"Lambda layer 'cum' calls tf\.math\.cumsum"):
+            layer(keras.Input((3,)))

@@ -8,6 +8,9 @@ tf-keras 2.16+ writes and Keras 3 refuses: `rng_type` on every random layer,
 
 from __future__ import annotations
 
+import json
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferkit import FineTuner
+from transferkit import FineTuner, ModelLoadError
 from transferkit.model.keras2.config import keras2_config
 from transferkit.model.keras2.layers import Keras2RandomCrop, RandomHeight, RandomWidth
 
@@ -35,6 +38,45 @@ RANDOM_IMAGE_LAYERS = (
     "RandomWidth",
     "Keras2RandomCrop",
 )
+
+
+ON_TENSORFLOW = keras.backend.backend() == "tensorflow"
+
+
+def _strip_random_sizes(config: dict[str, Any]) -> dict[str, Any]:
+    layers = config["config"]["layers"]
+    config["config"]["layers"] = [
+        layer for layer in layers if layer["class_name"] not in ("RandomHeight", "RandomWidth")
+    ]
+    assert len(config["config"]["layers"]) == len(layers) - 2
+    return config
+
+
+def _portable(file: Path, tmp_path: Path) -> Path:
+    """The file itself on TensorFlow; elsewhere the augmentation fixture without its
+    `RandomHeight` and `RandomWidth` (random output sizes: TensorFlow only, and identities in
+    inference, so Keras 2's predictions stay the model's)."""
+    if ON_TENSORFLOW or "augment" not in file.name:
+        return file
+    with pytest.raises(ModelLoadError, match=r"RandomHeight.*KERAS_BACKEND=tensorflow"):
+        FineTuner(file)
+    out = tmp_path / file.name
+    if file.suffix == ".h5":
+        import h5py  # type: ignore[import-untyped]
+
+        shutil.copy(file, out)
+        with h5py.File(out, "r+") as f:
+            raw = f.attrs["model_config"]
+            config = json.loads(raw.decode() if hasattr(raw, "decode") else str(raw))
+            f.attrs["model_config"] = json.dumps(_strip_random_sizes(config))
+        return out
+    with zipfile.ZipFile(file) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "config.json":
+                data = json.dumps(_strip_random_sizes(json.loads(data))).encode()
+            dst.writestr(item, data)
+    return out
 
 
 def _io(stem: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,10 +117,12 @@ def test_plain_keras3_fails_on_them(stem: str, suffix: str) -> None:
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
 @pytest.mark.parametrize("stem", STEMS)
-def test_tf_keras_2_21_file_loads_with_keras2_predictions(stem: str, suffix: str) -> None:
+def test_tf_keras_2_21_file_loads_with_keras2_predictions(
+    stem: str, suffix: str, tmp_path: Path
+) -> None:
     x, y = _io(stem)
     tol = TOLERANCE.get(stem, 1e-5)
-    model = FineTuner(KERAS2 / f"tfk221_{stem}{suffix}").model
+    model = FineTuner(_portable(KERAS2 / f"tfk221_{stem}{suffix}", tmp_path)).model
     np.testing.assert_allclose(model.predict(x, verbose=0), y, rtol=tol, atol=tol)
 
 
@@ -97,7 +141,7 @@ def test_tf_keras_2_21_file_fine_tunes_and_reloads_in_plain_keras(
 ) -> None:
     x, _ = _io(file.split(".")[0].removeprefix("tfk221_"))
     x = np.concatenate([x, x[::-1]])  # two steps of 4
-    tuner = FineTuner(KERAS2 / file)
+    tuner = FineTuner(_portable(KERAS2 / file, tmp_path))
     # A new head on the last layer before the old output (on the whole base for the backbone).
     backbone = tuner.model.name == "MobilenetV3small"
     at = tuner.model.layers[-1 if backbone else -2].name
@@ -121,13 +165,18 @@ def _differs(a: Any, b: Any) -> bool:
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
-def test_augmentation_is_random_in_training_and_identity_in_inference(suffix: str) -> None:
+def test_augmentation_is_random_in_training_and_identity_in_inference(
+    suffix: str, tmp_path: Path
+) -> None:
     x, y = _io("augment")
     x = np.concatenate([x, x[::-1]])  # 8 images: every random layer changes at least one
-    model = FineTuner(KERAS2 / f"tfk221_augment{suffix}").model
+    model = FineTuner(_portable(KERAS2 / f"tfk221_augment{suffix}", tmp_path)).model
     layers = {type(layer).__name__: layer for layer in model.layers}
-    assert set(RANDOM_IMAGE_LAYERS) <= set(layers)
-    for name in RANDOM_IMAGE_LAYERS:
+    names = [
+        n for n in RANDOM_IMAGE_LAYERS if ON_TENSORFLOW or n not in ("RandomHeight", "RandomWidth")
+    ]
+    assert set(names) <= set(layers)
+    for name in names:
         layer = layers[name]
         inferred = np.asarray(layer(x, training=False))
         if name == "Keras2RandomCrop":
@@ -145,6 +194,13 @@ def test_augmentation_is_random_in_training_and_identity_in_inference(suffix: st
     np.testing.assert_allclose(model.predict(x[:4], verbose=0), y, atol=1e-5)
     np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
     assert _differs(model(x, training=True), model(x, training=True))
+    # Compiled (a jitted step on JAX): still random in training. With a zero learning rate the
+    # weights stay put, so two losses differ only through the random layers.
+    train = keras.Model(model.inputs, model.outputs)
+    train.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    # (Compared exactly: a brightness change may move the mean loss by less than 1e-4.)
+    first, second = (float(train.train_on_batch(x, np.zeros(8))) for _ in range(2))
+    assert first != second
 
 
 def test_other_random_layers_are_random_in_training_only() -> None:
@@ -163,24 +219,43 @@ def test_random_height_width_and_crop_stand_ins() -> None:
     x = np.random.default_rng(0).random((2, 10, 12, 3)).astype("float32")
     height, width = RandomHeight(0.5, seed=1), RandomWidth((0.2, 0.4), interpolation="nearest")
     np.testing.assert_array_equal(height(x, training=False), x)
-    heights = {np.asarray(height(x, training=True)).shape[1] for _ in range(8)}
-    assert heights <= set(range(5, 16)) and len(heights) > 1
-    widths = {np.asarray(width(x, training=True)).shape for _ in range(8)}
-    assert all(s[:2] == (2, 10) and 14 <= s[2] <= 16 for s in widths)
+    np.testing.assert_array_equal(width(x, training=False), x)
+    if ON_TENSORFLOW:
+        heights = {np.asarray(height(x, training=True)).shape[1] for _ in range(8)}
+        assert heights <= set(range(5, 16)) and len(heights) > 1
+        widths = {np.asarray(width(x, training=True)).shape for _ in range(8)}
+        assert all(s[:2] == (2, 10) and 14 <= s[2] <= 16 for s in widths)
+    else:
+        with pytest.raises(ModelLoadError, match=r"RandomWidth.*KERAS_BACKEND=tensorflow"):
+            width(x, training=True)
     assert height.compute_output_shape((None, 10, 12, 3)) == (None, None, 12, 3)
     again = RandomWidth.from_config(width.get_config())
     assert (again.factor, again.interpolation) == ((0.2, 0.4), "nearest")
     with pytest.raises(ValueError, match="factor"):
         RandomHeight((0.3, 0.1))
     # Keras 2's RandomCrop: the central window resized in inference (and in training for
-    # images smaller than the crop), a random window in training, dynamic shapes too.
+    # images smaller than the crop), a random window in training, on every backend.
     crop = Keras2RandomCrop(6, 6, seed=0)
     np.testing.assert_allclose(crop(x, training=False), smart_resize(x, (6, 6)), atol=1e-5)
     windows = [np.asarray(crop(x, training=True)) for _ in range(4)]
     assert all(w.shape == (2, 6, 6, 3) for w in windows)
     assert any(_differs(w, windows[0]) for w in windows[1:])
+    # Each window is a 6x6 block of the input.
+    assert all(
+        any(np.array_equal(w, x[:, i : i + 6, j : j + 6]) for i in range(5) for j in range(7))
+        for w in windows
+    )
     assert np.asarray(Keras2RandomCrop(12, 14)(x, training=True)).shape == (2, 12, 14, 3)
     assert np.asarray(crop(x[0], training=False)).shape == (6, 6, 3)
+    # Compiled, in a model: the same inference crop, and training steps through random windows.
+    model = keras.Sequential(
+        [keras.Input((10, 12, 3)), crop, keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    cropped = keras.Model(model.inputs, model.layers[0].output)
+    np.testing.assert_allclose(cropped.predict(x, verbose=0), smart_resize(x, (6, 6)), atol=1e-5)
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # weights fixed: losses vary by the crops
+    losses = [model.train_on_batch(x, np.ones(2)) for _ in range(3)]
+    assert np.isfinite(losses).all() and len(set(np.round(losses, 6).tolist())) > 1
 
 
 def _layer(class_name: str, **config: Any) -> dict[str, Any]:

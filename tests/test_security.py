@@ -230,6 +230,11 @@ def test_safe_mode_false_runs_other_public_ops(jail: Path) -> None:
     )
     _refused(path, jail, r"tf\.guarantee_const, which is not allowed in safe_mode")
     io = np.load(KERAS2 / "tf_ops_io.npz")
+    if keras.backend.backend() != "tensorflow":
+        # Trusted or not, a TensorFlow op without a keras.ops equivalent needs TensorFlow.
+        with pytest.raises(ModelLoadError, match=r"guarantee_const.*KERAS_BACKEND=tensorflow"):
+            FineTuner(path, safe_mode=False)
+        return
     # relu -> identity changes the output only where relu clipped; the model builds and runs.
     got = FineTuner(path, safe_mode=False).model.predict(io["x"], verbose=0)
     assert got.shape == io["y"].shape and np.isfinite(got).all()
@@ -578,5 +583,9 @@ def test_cli_reads_npz_without_pickles_and_models_in_safe_mode(
     assert main(["fit", str(ops), "--data", str(data), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "not allowed in safe_mode" in err and "--unsafe" in err and not out.exists()
-    assert main(["inspect", str(ops), "--unsafe"]) == 0
+    if keras.backend.backend() == "tensorflow":
+        assert main(["inspect", str(ops), "--unsafe"]) == 0
+    else:  # no keras.ops equivalent: the file needs the TensorFlow backend, trusted or not
+        assert main(["inspect", str(ops), "--unsafe"]) == 2
+        assert "KERAS_BACKEND=tensorflow" in capsys.readouterr().err
     assert main(["inspect", str(lam), "--unsafe"]) == 0 and sentinel.exists()

@@ -45,15 +45,15 @@ def forward_function(model: keras.Model, training: bool = True) -> Callable[[Any
     def run(trainable: list[Any], non_trainable: list[Any], batch: Any) -> Any:
         # training=True: exactly what the layers compute inside `fit` (a frozen
         # BatchNormalization uses its moving statistics either way).
-        outputs, _ = model.stateless_call(trainable, non_trainable, batch, training=training)
-        return outputs
+        return model.stateless_call(trainable, non_trainable, batch, training=training)
 
     def call(batch: Any) -> list[Any]:
-        out = run(
-            _values(model.trainable_variables),
-            _values(model.non_trainable_variables),
-            _arrays(batch),
-        )
+        non_trainable = list(model.non_trainable_variables)
+        out, state = run(_values(model.trainable_variables), _values(non_trainable), _arrays(batch))
+        # The new state holds the random layers' seeds: without it every pass of an augmenting
+        # prefix would draw the same flips (as Keras' own JAX trainer, assign it back).
+        for variable, value in zip(non_trainable, state, strict=True):
+            variable.assign(value)
         return [np.asarray(o) for o in keras.tree.flatten(out)]
 
     return call

@@ -25,7 +25,8 @@ import keras
 import numpy as np
 
 from transferkit._utils.configs import map_config
-from transferkit.model.keras2.ops import keras_equivalent
+from transferkit.errors import ModelLoadError
+from transferkit.model.keras2.ops import PortableTF, keras_equivalent, random_size_message
 from transferkit.model.keras2.safety import check_op_name, effective_safe_mode, resolve_function
 
 __all__ = [
@@ -176,8 +177,9 @@ class _RandomSize(keras.layers.Layer):  # type: ignore[misc]
     """Keras 2's RandomHeight / RandomWidth: in training, resizes one spatial axis by a random
     factor drawn once per batch from `[1 + lower, 1 + upper]`; in inference, the identity.
 
-    Keras 2 laid images out as `channels_last` only; like Keras 2 (and the TF ops stand-ins
-    above) this runs on the TensorFlow backend.
+    Keras 2 laid images out as `channels_last` only. Training runs on the TensorFlow backend
+    only: the output size is random, which a compiled JAX or PyTorch step cannot have (loading
+    such a model there raises `ModelLoadError`, see `ops.check_portable`).
     """
 
     _axis = -3  # the resized axis of `(..., height, width, channels)`
@@ -208,6 +210,9 @@ class _RandomSize(keras.layers.Layer):  # type: ignore[misc]
     def call(self, inputs: Any, training: bool = False) -> Any:
         if not training:
             return inputs
+        if not _on_tensorflow():
+            # A compiled JAX or PyTorch step has one output shape; this layer's is random.
+            raise ModelLoadError(random_size_message(type(self).__name__, self.name))
         tf = _tensorflow()
 
         shape = tf.shape(inputs)
@@ -264,6 +269,17 @@ def _smart_resize(images: Any, height: int, width: int) -> Any:
     return tf.image.resize(window, (height, width))
 
 
+def _portable_smart_resize(images: Any, height: int, width: int) -> Any:
+    # `_smart_resize` for known shapes, in `keras.ops`; the window sizes computed as TensorFlow
+    # does above (a float32 quotient, truncated).
+    rows, cols = int(images.shape[1]), int(images.shape[2])
+    crop_h = min(rows, int(np.float32(cols * height) / np.float32(width)))
+    crop_w = min(cols, int(np.float32(rows * width) / np.float32(height)))
+    top, left = (rows - crop_h) // 2, (cols - crop_w) // 2
+    window = images[:, top : top + crop_h, left : left + crop_w, :]
+    return keras.ops.image.resize(window, (height, width), interpolation="bilinear")
+
+
 @keras.saving.register_keras_serializable(package="transferkit")
 class Keras2RandomCrop(keras.layers.Layer):  # type: ignore[misc]
     """Keras 2's `RandomCrop`, which Keras 3's does not reproduce.
@@ -273,7 +289,8 @@ class Keras2RandomCrop(keras.layers.Layer):  # type: ignore[misc]
     to `(height, width)`. Keras 3.15.1's `RandomCrop` returns the images unchanged in inference
     (larger than its own `compute_output_shape` says: a Keras 2 model predicts differently, or
     fails at a `Flatten`), and fails in training on images of unknown size (after Keras 2's
-    `RandomHeight`). `channels_last` and the TensorFlow backend, like Keras 2.
+    `RandomHeight`). `channels_last`, like Keras 2; on JAX and PyTorch the same crops run in
+    `keras.ops`.
 
     Args:
         height: the output height.
@@ -290,6 +307,8 @@ class Keras2RandomCrop(keras.layers.Layer):  # type: ignore[misc]
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs: Any, training: bool = False) -> Any:
+        if not _on_tensorflow():
+            return self._portable_call(inputs, training)
         tf = _tensorflow()
 
         images = tf.convert_to_tensor(inputs)
@@ -314,6 +333,33 @@ class Keras2RandomCrop(keras.layers.Layer):  # type: ignore[misc]
         else:
             outputs = _smart_resize(images, self.height, self.width)
         outputs = tf.cast(outputs, self.compute_dtype)
+        return outputs[0] if unbatched else outputs
+
+    def _portable_call(self, inputs: Any, training: bool) -> Any:
+        # The same crops in `keras.ops`: on JAX and PyTorch every shape is known when a step
+        # is traced, so the window sizes are Python numbers and only the offsets are drawn.
+        ops = keras.ops
+        images = ops.convert_to_tensor(inputs)
+        unbatched = len(images.shape) == 3
+        if unbatched:
+            images = images[None]
+        batch, rows, cols, channels = (int(d) for d in ops.shape(images))
+        room = (rows - self.height, cols - self.width)
+        if training and min(room) >= 0:
+            draw = keras.random.uniform([2], 0.0, 1.0, seed=self.seed_generator)
+            start = ops.minimum(
+                ops.cast(draw * ops.convert_to_tensor([room[0] + 1.0, room[1] + 1.0]), "int32"),
+                ops.convert_to_tensor(room, "int32"),
+            )
+            zero = ops.zeros((), "int32")
+            outputs = ops.slice(
+                images,
+                ops.stack([zero, start[0], start[1], zero]),
+                (batch, self.height, self.width, channels),
+            )
+        else:
+            outputs = _portable_smart_resize(images, self.height, self.width)
+        outputs = ops.cast(outputs, self.compute_dtype)
         return outputs[0] if unbatched else outputs
 
     def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
@@ -353,17 +399,36 @@ class Keras2Lambda(keras.layers.Lambda):  # type: ignore[misc]
     Keras 3 gives it the globals of `keras.src.utils.python_utils`, where `tf` is undefined, and
     the load fails ("could not automatically infer the shape of the Lambda's output"). This
     layer rebuilds the function with those two names added; it is used (with `safe_mode=False`,
-    as for any lambda) only for functions that name them.
+    as for any lambda) only for functions that name them. On JAX or PyTorch `tf` is a
+    `PortableTF`: the function's TensorFlow calls run as their `keras.ops` equivalents, and one
+    without an equivalent raises `ModelLoadError` saying the model needs TensorFlow.
     """
 
     def __init__(self, function: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(_with_module_globals(function), *args, **kwargs)
+        # On JAX or PyTorch `tf` stands for `keras.ops` equivalents (`model.keras2.ops`).
+        tf = _tensorflow() if _on_tensorflow() else PortableTF(str(kwargs.get("name")))
+        super().__init__(_with_module_globals(function, tf), *args, **kwargs)
+        self._tf = tf
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        try:
+            return super().compute_output_shape(input_shape)
+        except NotImplementedError as error:
+            # Keras reports any failure as "could not infer the shape"; a TensorFlow function
+            # without a portable equivalent is the real cause, and says what to do.
+            if isinstance(self._tf, PortableTF) and self._tf.errors:
+                raise self._tf.errors[-1] from error
+            raise
 
 
-def _with_module_globals(function: Any) -> Any:
+def _on_tensorflow() -> bool:
+    return bool(keras.backend.backend() == "tensorflow")
+
+
+def _with_module_globals(function: Any, tf: Any) -> Any:
     if not isinstance(function, types.FunctionType):
         return function
-    extra = {k: v for k, v in _lambda_globals().items() if k not in function.__globals__}
+    extra = {k: v for k, v in {"tf": tf, "np": np}.items() if k not in function.__globals__}
     if not extra:
         return function
     return types.FunctionType(
@@ -373,13 +438,6 @@ def _with_module_globals(function: Any) -> Any:
         function.__defaults__,
         function.__closure__,
     )
-
-
-def _lambda_globals() -> dict[str, Any]:
-    # What Keras 2's deserialized lambdas found among their globals.
-    tf = _tensorflow()
-
-    return {"tf": tf, "np": np}
 
 
 # ---------------------------------------------------------------------- class lookup

@@ -24,7 +24,14 @@ from keras import ops
 from transferkit._utils.configs import nodes
 from transferkit.errors import ModelLoadError
 
-__all__ = ["EQUIVALENTS", "check_portable", "keras_equivalent", "needs_tensorflow"]
+__all__ = [
+    "EQUIVALENTS",
+    "PortableTF",
+    "check_portable",
+    "keras_equivalent",
+    "needs_tensorflow",
+    "random_size_message",
+]
 
 Op = Callable[..., Any]
 
@@ -222,9 +229,9 @@ def keras_equivalent(function: str, *, layer: str = "?") -> Op:
     return op
 
 
-def _needs_tf_message(function: str, layer: str) -> str:
+def _needs_tf_message(function: str, layer: str, kind: str = "op layer") -> str:
     return (
-        f"op layer {layer!r} calls tf.{function}, which has no keras.ops equivalent, so this "
+        f"{kind} {layer!r} calls tf.{function}, which has no keras.ops equivalent, so this "
         f"Keras 2 model runs only on the TensorFlow backend (Keras runs on "
         f"{keras.backend.backend()!r}): set KERAS_BACKEND=tensorflow before keras is imported "
         "(or `transferkit --backend tensorflow`). Portable ops: "
@@ -232,12 +239,28 @@ def _needs_tf_message(function: str, layer: str) -> str:
     )
 
 
+# Keras 2 layers whose output size is random in training (removed in Keras 3 for that reason).
+_RANDOM_SIZE = frozenset({"RandomHeight", "RandomWidth"})
+
+
+def random_size_message(class_name: str, layer: str) -> str:
+    """Why a Keras 2 `RandomHeight` / `RandomWidth` needs the TensorFlow backend."""
+    return (
+        f"layer {layer!r} is Keras 2's {class_name}, which resizes images by a random factor in "
+        "training: a compiled step on the "
+        f"{keras.backend.backend()!r} backend needs one output shape, so this Keras 2 model "
+        "trains only on the TensorFlow backend: set KERAS_BACKEND=tensorflow before keras is "
+        "imported (or `transferkit --backend tensorflow`)."
+    )
+
+
 def check_portable(config: Any) -> None:
     """On a backend other than TensorFlow, refuses a model config whose op layers call a
-    TensorFlow function without a `keras.ops` equivalent; run before anything is built.
+    TensorFlow function without a `keras.ops` equivalent, or which holds Keras 2's
+    `RandomHeight` / `RandomWidth`; run before anything is built.
 
     Raises:
-        ModelLoadError: the first such layer, named with its function.
+        ModelLoadError: the first such layer, named with its function or class.
     """
     if keras.backend.backend() == "tensorflow":
         return
@@ -251,3 +274,66 @@ def check_portable(config: Any) -> None:
             if needs_tensorflow(function):
                 layer = str(inner.get("name", node.get("name", "?")))
                 raise ModelLoadError(_needs_tf_message(function, layer))
+        if class_name in _RANDOM_SIZE and isinstance(inner, dict):
+            layer = str(inner.get("name", node.get("name", "?")))
+            raise ModelLoadError(random_size_message(class_name, layer))
+
+
+# Sub-namespaces of `tf` with portable functions, and the dtype names `tf.<dtype>` stands for.
+_NAMESPACES = frozenset({"math", "nn", "linalg", "image"})
+_DTYPES = frozenset(
+    {
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "bool",
+    }
+)
+
+
+class PortableTF:
+    """What a Keras 2 `Lambda` finds as its `tf` global on a backend other than TensorFlow.
+
+    A lambda such as `lambda t: tf.math.l2_normalize(t, axis=-1)` calls TensorFlow on whatever
+    tensors the backend passes it; a JAX tracer is none. Attribute lookups here resolve to the
+    `keras.ops` equivalents of `EQUIVALENTS` (`tf.math.l2_normalize`, and the top-level aliases
+    TensorFlow exports: `tf.reduce_mean` is `tf.math.reduce_mean`), dtype names to their
+    strings, `tf.newaxis` to `None`, `tf.shape` to `keras.ops.shape`. Any other name raises
+    `ModelLoadError` saying the model needs TensorFlow, and is kept in `errors` because Keras'
+    `Lambda` hides exceptions raised while it infers its output shape.
+
+    Args:
+        layer: the lambda layer's name, for messages.
+    """
+
+    def __init__(self, layer: str = "?", _prefix: str = "", _errors: list[Exception] | None = None):
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_prefix", _prefix)
+        object.__setattr__(self, "errors", [] if _errors is None else _errors)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        path = f"{self._prefix}{name}"
+        if not self._prefix:
+            if name in _DTYPES:
+                return name
+            if name == "newaxis":
+                return None
+            if name == "shape":
+                return ops.shape
+            if name in _NAMESPACES:
+                return PortableTF(self._layer, f"{name}.", self.errors)
+        for candidate in (path, f"math.{path}"):
+            op = EQUIVALENTS.get(candidate)
+            if op is not None:
+                return op
+        error = ModelLoadError(_needs_tf_message(path, self._layer, kind="Lambda layer"))
+        self.errors.append(error)
+        raise error
