@@ -59,6 +59,13 @@ class BackendModule(Protocol):
     def runs_several_steps(self) -> bool:
         """Whether Keras runs `steps_per_execution > 1` on this backend (not on PyTorch)."""
 
+    def runs_tensorflow_ops(self) -> bool:
+        """Whether TensorFlow functions run on this backend's tensors, inside compiled steps too
+        (the Keras 2 stand-ins call them there, and `keras.ops` equivalents elsewhere)."""
+
+    def feature_tensors(self, x: Any) -> Any:
+        """Arrays of cached features as the tensors `fit` reads fastest, converted once."""
+
     def loss_replicas(self) -> int:
         """Over how many replicas a Keras loss divides itself inside such a step (1 but under a
         `tf.distribute` strategy, where each replica's loss is scaled by 1 / replicas)."""

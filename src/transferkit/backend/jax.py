@@ -18,11 +18,13 @@ import numpy as np
 from transferkit.backend import ValueFn
 
 __all__ = [
+    "feature_tensors",
     "forward_function",
     "gradient_step",
     "local_variables",
     "loss_replicas",
     "runs_several_steps",
+    "runs_tensorflow_ops",
     "shared_training_state",
 ]
 
@@ -88,6 +90,16 @@ def local_variables(variables: list[keras.Variable]) -> list[str]:
 def runs_several_steps() -> bool:
     """See `BackendModule.runs_several_steps`: Keras runs several steps per call here."""
     return True
+
+
+def runs_tensorflow_ops() -> bool:
+    """See `BackendModule.runs_tensorflow_ops`."""
+    return False
+
+
+def feature_tensors(x: Any) -> Any:
+    """See `BackendModule.feature_tensors`: Keras' JAX trainer slices NumPy arrays directly."""
+    return x
 
 
 def loss_replicas() -> int:

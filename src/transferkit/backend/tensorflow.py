@@ -12,11 +12,13 @@ import tensorflow as tf
 from transferkit.backend import ValueFn
 
 __all__ = [
+    "feature_tensors",
     "forward_function",
     "gradient_step",
     "local_variables",
     "loss_replicas",
     "runs_several_steps",
+    "runs_tensorflow_ops",
     "shared_training_state",
 ]
 
@@ -49,6 +51,18 @@ def local_variables(variables: list[keras.Variable]) -> list[str]:
 def runs_several_steps() -> bool:
     """See `BackendModule.runs_several_steps`: Keras runs several steps per call here."""
     return True
+
+
+def runs_tensorflow_ops() -> bool:
+    """See `BackendModule.runs_tensorflow_ops`."""
+    return True
+
+
+def feature_tensors(x: Any) -> Any:
+    """See `BackendModule.feature_tensors`: Keras' array adapter converts NumPy inputs to
+    tensors again in every epoch (Keras 3.15.1: a copy of all the features per epoch); converted
+    once, the epochs slice the same tensor. Peak memory is unchanged: Keras held that copy."""
+    return keras.tree.map_structure(tf.convert_to_tensor, x)
 
 
 def loss_replicas() -> int:

@@ -13,11 +13,13 @@ import torch
 from transferkit.backend import ValueFn
 
 __all__ = [
+    "feature_tensors",
     "forward_function",
     "gradient_step",
     "local_variables",
     "loss_replicas",
     "runs_several_steps",
+    "runs_tensorflow_ops",
     "shared_training_state",
 ]
 
@@ -47,6 +49,16 @@ def local_variables(variables: list[keras.Variable]) -> list[str]:
 def runs_several_steps() -> bool:
     """See `BackendModule.runs_several_steps`: Keras 3.15.1 raises "`steps_per_execution` must be 1 with the PyTorch backend"."""
     return False
+
+
+def runs_tensorflow_ops() -> bool:
+    """See `BackendModule.runs_tensorflow_ops`."""
+    return False
+
+
+def feature_tensors(x: Any) -> Any:
+    """See `BackendModule.feature_tensors`: the arrays as they are."""
+    return x
 
 
 def loss_replicas() -> int:

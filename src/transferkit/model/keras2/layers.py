@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from transferkit import backend
 from transferkit._utils.configs import map_config
 from transferkit.errors import ModelLoadError
 from transferkit.model.keras2.ops import PortableTF, keras_equivalent, random_size_message
@@ -93,7 +94,7 @@ class TFOpLambda(keras.layers.Layer):  # type: ignore[misc]
     def __init__(self, function: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.function = str(function)
-        if keras.backend.backend() == "tensorflow" or self.function == "__operators__.getitem":
+        if _on_tensorflow() or self.function == "__operators__.getitem":
             self._fn = resolve_function(self.function)
         else:
             check_op_name(self.function, layer=self.name, safe_mode=False)
@@ -116,7 +117,7 @@ class TFOpLambda(keras.layers.Layer):  # type: ignore[misc]
         return layer
 
     def compute_output_spec(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        if keras.backend.backend() == "tensorflow":
+        if _on_tensorflow():
             return super().compute_output_spec(inputs, *args, **kwargs)
         # Keras' JAX shape inference traces every argument, so the shape of `reshape` or the
         # `perm` of `transpose` would arrive as tracers; only the tensors may be traced.
@@ -422,7 +423,7 @@ class Keras2Lambda(keras.layers.Lambda):  # type: ignore[misc]
 
 
 def _on_tensorflow() -> bool:
-    return bool(keras.backend.backend() == "tensorflow")
+    return backend.current().runs_tensorflow_ops()
 
 
 def _with_module_globals(function: Any, tf: Any) -> Any:

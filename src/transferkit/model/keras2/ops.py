@@ -21,6 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from transferkit import backend
 from transferkit._utils.configs import nodes
 from transferkit.errors import ModelLoadError
 
@@ -262,7 +263,7 @@ def check_portable(config: Any) -> None:
     Raises:
         ModelLoadError: the first such layer, named with its function or class.
     """
-    if keras.backend.backend() == "tensorflow":
+    if backend.current().runs_tensorflow_ops():
         return
     for node in nodes(config):
         if not isinstance(node, dict):

@@ -154,12 +154,7 @@ def train_suffix(
 
 
 def _as_tensors(x: Any) -> Any:
-    # Keras' array adapter converts NumPy inputs to tensors again in every epoch (Keras 3.15.1,
-    # TensorFlow backend: a copy of all the features per epoch); converted once, the epochs
-    # slice the same tensor. Peak memory is unchanged: Keras held that copy anyway.
-    if keras.backend.backend() != "tensorflow":
-        return x
-    return keras.tree.map_structure(tf.convert_to_tensor, x)
+    return backend.current().feature_tensors(x)
 
 
 def _batch_shuffled(feats: Features, batch_size: int) -> Any:
