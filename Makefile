@@ -45,15 +45,16 @@ unit: $(VENV)/.stamp-dev
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q --durations=15
 	$(JAX_TEST_ENV) $(BIN)/python -m pytest -n 2 -q --durations=15
 
-# PyTorch is opt-in (not part of `make test`): the chain, the cache, LoRA and checkpoints on
-# KERAS_BACKEND=torch. TORCH_SPEC pins a CPU build where one is at hand; PyPI's default torch
-# for Linux is a CUDA build of several GB.
+# PyTorch is opt-in (not part of `make test`): the suite on KERAS_BACKEND=torch, less the files
+# not yet passing there (docs/backends.md says why: test-side NumPy conversions of tensors that
+# require grad, `steps_per_execution`, resume equality). TORCH_SPEC pins a CPU build where one
+# is at hand; PyPI's default torch for Linux is a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
-TORCH_TESTS := tests/test_tuner.py tests/test_cache.py tests/test_lora.py tests/test_faults.py \
-	tests/test_cross_backend.py
+TORCH_NOT_YET := cache_speed cache_views disk_faults keras2_tfk221 reliability
 test-torch: $(VENV)/.stamp-dev
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	KERAS_BACKEND=torch $(BIN)/python -m pytest -n 2 -q $(TORCH_TESTS)
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -n 2 -q \
+		$(foreach f,$(TORCH_NOT_YET),--ignore=tests/test_$(f).py)
 
 docs: $(VENV)/.stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

@@ -36,7 +36,7 @@ def _two_bn_model() -> keras.Model:
 def _numpy_reference(model: keras.Model, x: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
     """The statistics computed by hand: population moments in float64 over all of x."""
     conv = model.get_layer("conv")
-    a = np.asarray(conv(x)).astype(np.float64)
+    a = keras.ops.convert_to_numpy(conv(x)).astype(np.float64)
     m1, v1 = a.mean(axis=(0, 1, 2)), a.var(axis=(0, 1, 2))  # ddof=0
     bn1 = model.get_layer("bn_conv")
     g1, b1 = bn1.gamma.numpy().astype(np.float64), bn1.beta.numpy().astype(np.float64)
@@ -125,7 +125,9 @@ def test_nested_batchnorm_is_reached(digits: Digits) -> None:
     out = keras.layers.Dense(2, name="out")(keras.layers.Flatten()(base(inp)))
     model = keras.Model(inp, out)
     FineTuner(model, copy=False).adapt_batchnorm(digits.x_new[:50])
-    feats = np.asarray(base.get_layer("b_conv")(digits.x_new[:50])).astype(np.float64)
+    feats = keras.ops.convert_to_numpy(base.get_layer("b_conv")(digits.x_new[:50])).astype(
+        np.float64
+    )
     np.testing.assert_allclose(
         base.get_layer("b_bn").moving_variance.numpy(), feats.var(axis=(0, 1, 2)), rtol=1e-5
     )

@@ -147,6 +147,9 @@ ONEDNN_CHILD = textwrap.dedent(
     import os, sys
     import numpy as np
     import keras
+    if keras.backend.backend() == "torch":  # the same crash in PyTorch's oneDNN: README
+        import torch
+        torch.backends.mkldnn.enabled = False
     from transferkit import FineTuner
 
     path = sys.argv[1]

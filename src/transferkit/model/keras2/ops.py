@@ -79,7 +79,8 @@ def _gelu(features: Any, approximate: bool = False) -> Any:
 
 
 def _silu(features: Any, beta: float = 1.0) -> Any:
-    return features * ops.sigmoid(beta * features)
+    # ops.multiply, not `*`: a NumPy input times a torch tensor raises TypeError.
+    return ops.multiply(features, ops.sigmoid(ops.multiply(beta, features)))
 
 
 def _leaky_relu(features: Any, alpha: float = 0.2) -> Any:
@@ -88,7 +89,7 @@ def _leaky_relu(features: Any, alpha: float = 0.2) -> Any:
 
 def _l2_normalize(x: Any, axis: Any = None, epsilon: float = 1e-12) -> Any:
     squares = ops.sum(ops.square(x), axis=axis, keepdims=True)
-    return x * ops.rsqrt(ops.maximum(squares, epsilon))
+    return ops.multiply(x, ops.rsqrt(ops.maximum(squares, epsilon)))
 
 
 def _reshape(tensor: Any, shape: Any) -> Any:
