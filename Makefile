@@ -33,17 +33,20 @@ typecheck: $(VENV)/.stamp-dev
 
 # The whole suite runs twice, on TensorFlow and on JAX, with the same assertions; tests marked
 # tensorflow_only (tf.distribute) skip on JAX with the reason. On JAX most of the time goes to
-# XLA compiling every eager op and step (each worker and subprocess again): the JAX pass shares
-# a persistent compilation cache between its processes (in .venv: cold on a fresh clone, warm
-# on the next run) and compiles at XLA's lowest CPU optimisation level (the whole suite passes
-# at both levels; measured from a cold cache on 2 cores: 547 s -> 333 s).
-JAX_TEST_ENV := KERAS_BACKEND=jax XLA_FLAGS=--xla_backend_optimization_level=0 \
+# XLA compiling every eager op and step (each worker and subprocess again): XLA programs go to
+# a persistent compilation cache shared by every process of both passes (in .venv: cold on a
+# fresh clone, warm on the next run) and compile at XLA's lowest CPU optimisation level (the
+# whole suite passes at both levels; measured from a cold cache on 2 cores: 547 s -> 333 s).
+# TensorFlow on CPU does not use XLA unless a test asks for jit_compile=True.
+# The TensorFlow pass's JAX subprocesses (cross-backend files, the 2-device sharding worker)
+# use the same cache, so the JAX pass finds their programs compiled.
+XLA_TEST_ENV := XLA_FLAGS=--xla_backend_optimization_level=0 \
 	JAX_COMPILATION_CACHE_DIR=$(abspath $(VENV))/jax-cache \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 
 unit: $(VENV)/.stamp-dev
-	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -n 2 -q --durations=15
-	$(JAX_TEST_ENV) $(BIN)/python -m pytest -n 2 -q --durations=15
+	KERAS_BACKEND=tensorflow $(XLA_TEST_ENV) $(BIN)/python -m pytest -n 2 -q --durations=15
+	KERAS_BACKEND=jax $(XLA_TEST_ENV) $(BIN)/python -m pytest -n 2 -q --durations=15
 
 # PyTorch is opt-in (not part of `make test`): the suite on KERAS_BACKEND=torch, less the files
 # not yet passing there (docs/backends.md says why: test-side NumPy conversions of tensors that
