@@ -100,7 +100,7 @@ def train_suffix(
         steps = math.ceil(len(feats.x[0]) / batch_size)
     else:
         data = {
-            "x": _as_tensors(feats.model_x()),
+            "x": backend.current().feature_tensors(feats.model_x()),
             "y": feats.y,
             "sample_weight": feats.sample_weight,
             "batch_size": batch_size,
@@ -151,10 +151,6 @@ def train_suffix(
     with backend.current().shared_training_state(model, suffix):
         suffix.fit(**data, **kw)
     return dict(history.history)
-
-
-def _as_tensors(x: Any) -> Any:
-    return backend.current().feature_tensors(x)
 
 
 def _batch_shuffled(feats: Features, batch_size: int) -> Any:
