@@ -147,7 +147,7 @@ def test_chain(name: str, tmp_path: Path) -> None:
     work = tuner.model
     frozen, block, head = (resolve(work, n) for n in (case.frozen, case.block, "head_output"))
     frozen_before, block_before, head_before = _values(frozen), _values(block), _values(head)
-    result = tuner.compile("adam", run_eagerly=True).fit(
+    result = tuner.compile("adam", run_eagerly=hub_models.EAGER).fit(
         x, y, epochs=2, batch_size=8, verbose=0, cache="auto"
     )
     assert not _same(_values(head), head_before)
@@ -172,7 +172,7 @@ def test_chain(name: str, tmp_path: Path) -> None:
     lora = FineTuner(model).replace_head(3, at=case.at).lora(rank=2)
     assert lora._lora is not None
     assert any(case.inside in target for target in lora._lora.targets), lora._lora.targets
-    lora_result = lora.compile("adam", run_eagerly=True).fit(
+    lora_result = lora.compile("adam", run_eagerly=hub_models.EAGER).fit(
         x, y, epochs=1, batch_size=8, verbose=0
     )
     adapters = lora_result.save_adapters(tmp_path / f"{name}.npz")
@@ -227,7 +227,9 @@ def test_lora_on_gemma_decoder_and_its_tied_embedding(tmp_path: Path) -> None:
         "lora_embeddings_a",
         "lora_embeddings_b",
     ]
-    result = tuner.compile("adam", run_eagerly=True).fit(x, y, epochs=2, batch_size=8, verbose=0)
+    result = tuner.compile("adam", run_eagerly=hub_models.EAGER).fit(
+        x, y, epochs=2, batch_size=8, verbose=0
+    )
     assert np.abs(embedding.lora_embeddings_b.numpy()).sum() > 0
     path = result.save_adapters(tmp_path / "gemma.npz")
     with np.load(path) as data:

@@ -105,7 +105,7 @@ def test_freeze_until_a_block_inside_an_encoder_trains_from_that_block_on(name: 
 
     frozen_before = _values(before, embedding)
     trained_before = _values(block, norm, *head)
-    result = tuner.compile("adam", run_eagerly=True).fit(
+    result = tuner.compile("adam", run_eagerly=hub_models.EAGER).fit(
         x, y, epochs=1, batch_size=8, verbose=0, cache=True
     )
     assert _optimizer_ids(result.model) == expected
